@@ -1,0 +1,17 @@
+"""Learn and apply correlation-based filter pruning (FCP, Play and Prune, COP) with real filter surgery, as fastai callbacks
+
+Modules:
+
+- `corrprune_edu.core`: Seeding, threads, the cache folder and the helpers every other module leans on
+- `corrprune_edu.data`: Real MNIST and CIFAR-10 as fastai `DataLoaders`: stratified seeded subsets, a validation split carved from the training set, and a small MNIST subset shipped inside the package
+- `corrprune_edu.demo`: What `make demo` (the `corrprune-demo` command) runs: train LeNet-5 on the MNIST subset shipped with the package and report its costs
+- `corrprune_edu.flops`: MACs, parameters and measured latency, per layer and in total
+- `corrprune_edu.models`: The networks the pruning papers use: Caffe LeNet-5, VGG-16 for CIFAR and the CIFAR ResNets, randomly initialised
+- `corrprune_edu.train`: A fastai `Learner` factory with good defaults, accuracy on any split, and a cache of trained baselines
+- `corrprune_edu.viz`: Figures the tutorials share: where the cost of a network sits, and what its filters look like"""
+
+__version__ = "0.1.0"
+
+import warnings as _warnings
+# fastai's import calls torch.jit.script, which torch >= 2.10 flags as deprecated; the warning is not ours to act on.
+_warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
