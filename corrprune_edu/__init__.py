@@ -2,13 +2,17 @@
 
 Modules:
 
+- `corrprune_edu.controller`: Give an error tolerance, get the smallest model within it: adaptive filter pruning (AFP) shrinks the network while a pruning-rate controller (PRC) protects its accuracy, inside `learn.fit`
+- `corrprune_edu.cop`: Customised pruning: remove the channels the next layer reads alike, weighted by what their layers cost in parameters or FLOPs, globally and one filter at a time (Wang et al., IJCAI 2019)
 - `corrprune_edu.core`: Seeding, threads, the cache folder and the helpers every other module leans on
 - `corrprune_edu.correlation`: How alike two filters are: Pearson and cosine similarity of their weights, how the next layer reads them (COP), and how their activations move together
 - `corrprune_edu.criteria`: Magnitude (L1-norm) and random filter selection: the baselines every correlation method must beat, as plans
 - `corrprune_edu.data`: Real MNIST and CIFAR-10 as fastai `DataLoaders`: stratified seeded subsets, a validation split carved from the training set, and a small MNIST subset shipped inside the package
-- `corrprune_edu.demo`: What `make demo` (the `corrprune-demo` command) runs: train LeNet-5 on the MNIST subset shipped with the package, report its costs, prune it and compare
+- `corrprune_edu.demo`: What `make demo` (the `corrprune-demo` command) runs: train LeNet-5 on the MNIST subset shipped with the package, report its costs, prune it with FCP and compare
+- `corrprune_edu.fcp`: Pick the most correlated filter pairs, train them to be even more correlated, drop one of each pair, fine-tune, repeat (Singh et al., WACV 2020)
 - `corrprune_edu.flops`: MACs, parameters and measured latency, per layer and in total
 - `corrprune_edu.models`: The networks the pruning papers use: Caffe LeNet-5, VGG-16 for CIFAR and the CIFAR ResNets, randomly initialised
+- `corrprune_edu.pairs`: The most redundant filter pairs: greedy disjoint matching on |correlation|, per layer or across layers, and which filter of a pair goes
 - `corrprune_edu.results`: One file format for every benchmark, so tables and plots come from the same files
 - `corrprune_edu.surgery`: Remove channels from a real network, exactly: find everything coupled to each channel, cut it out of every tensor, and keep training
 - `corrprune_edu.train`: A fastai `Learner` factory with good defaults, accuracy on any split, and a cache of trained baselines
