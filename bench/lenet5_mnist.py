@@ -4,6 +4,7 @@
     python bench/lenet5_mnist.py [--methods fcp,l1,random] [--levels 0.90,0.94,0.96] [--budget 4] [--out ...]
     python bench/lenet5_mnist.py --methods cop,cop_fc,l1_cop,random_cop      # the COP rows
     python bench/lenet5_mnist.py --levels "" --tolerances 0.003,0.005,0.01 --methods l1,fcp   # the Play-and-Prune rows
+    python bench/lenet5_mnist.py --levels "" --tolerances 0.005,0.01 --methods l1,fcp --pp-fc # ... pruning fc1 too
 
 Protocol (the same for every method; later methods add themselves to METHODS):
 * Baseline: `cached_baseline("lenet5", "mnist", epochs=3, seed=0)`: Caffe LeNet-5 (20-50-500-10) trained on the
@@ -21,6 +22,8 @@ Protocol (the same for every method; later methods add themselves to METHODS):
   controller loop spends the budget but one epoch (phases of a fifth of an epoch, each annealed), then one epoch of
   one-cycle fine-tuning, kept only if still within the tolerance on validation. The methods named in `--methods` then
   run at the same level: one-shot methods pruned to Play and Prune's exact filter counts, FCP to its MACs reduction.
+  With `--pp-fc`, AFP may also remove fc1's hidden units (level "tol 0.5% +fc1"); L1 and random then prune fc1 to
+  the same count by the L1 norm of each unit's incoming weights.
 * One row per method and level in bench/results/lenet5_mnist.json (see corrprune_edu.results).
 """
 import argparse, copy, math, time
@@ -41,6 +44,7 @@ from corrprune_edu.surgery import analyze_channels, prune_learner
 from corrprune_edu.train import cached_baseline, evaluate, fit
 
 SHAPE = (1, 28, 28)
+DEFAULT_BUDGET = 4      # epochs after the baseline; rows run with another budget say so in their level
 BASELINE = dict(model="lenet5", dataset="mnist", epochs=3, seed=0)
 FT_LR = 1e-3
 
@@ -65,9 +69,9 @@ def row(method, level, learn, base, epochs, seconds, **extra):
 
 
 def prune_to_counts(learn, counts, scores_fn):
-    "Remove the lowest-scoring filters of each conv layer until it has `counts[layer]` filters"
+    "Remove the lowest-scoring filters (or hidden units) of each layer until it has `counts[layer]` of them"
     a = analyze_channels(learn.model, SHAPE)
-    scores = scores_fn(learn.model, a, select_groups(a, model=learn.model))
+    scores = scores_fn(learn.model, a, select_groups(a, layer_types=(nn.Conv2d, nn.Linear), model=learn.model))
     plan = {g: sorted(torch.argsort(s, stable=True)[: len(s) - counts[g]].tolist()) for g, s in scores.items() if counts[g] < len(s)}
     prune_learner(learn, plan, SHAPE)
 
@@ -112,26 +116,29 @@ def run_cop(level, budget, base, name="cop", alpha=1.0, beta=1.0, gamma=1.0, lay
 PP = dict(lr=2e-3, phases_per_epoch=5, lam=0.05, W=0.9, max_frac=0.3, final_epochs=1)
 
 
-def run_play_and_prune(level, budget, base, tolerance, **_):
+def run_play_and_prune(level, budget, base, tolerance, layer_types=(nn.Conv2d,), **_):
     "Play and Prune at `tolerance`: the controller loop with all but `final_epochs` of the budget, then fine-tuning"
     learn, t0 = baseline(), time.perf_counter()
     set_seed(0)
     n = len(learn.dls.train)
     phase = n // PP["phases_per_epoch"]
-    run = play_and_prune(learn, tolerance, controller=GapController(lam=PP["lam"], W=PP["W"]), afp=AFP(max_frac=PP["max_frac"]),
+    afp = AFP(max_frac=PP["max_frac"], layer_types=layer_types)
+    run = play_and_prune(learn, tolerance, controller=GapController(lam=PP["lam"], W=PP["W"]), afp=afp,
                          lr=PP["lr"], phase_batches=phase, max_iters=(budget - PP["final_epochs"]) * PP["phases_per_epoch"],
                          final_epochs=PP["final_epochs"], baseline_acc=base.baseline["valid_acc"])
     h = run.frame()
     cols = ["t", "phase", "outcome", "lam", "W", "candidates", "removed", "macs", "params", "acc", "gap", "batches"]
     traj = h[cols + [c for c in h.columns if c.startswith("filters.")]].to_dict("records")
-    return row("play_and_prune", level, learn, base, round(run.batches / n, 2), time.perf_counter() - t0, tolerance=tolerance,
-               stop_reason=run.stop_reason, iterations=int(h.t.iloc[-1]), settings=dict(PP, phase_batches=phase), trajectory=traj)
+    name = "play_and_prune" if layer_types == (nn.Conv2d,) else "play_and_prune_fc"
+    return row(name, level, learn, base, round(run.batches / n, 2), time.perf_counter() - t0, tolerance=tolerance,
+               stop_reason=run.stop_reason, iterations=int(h.t.iloc[-1]),
+               settings=dict(PP, phase_batches=phase, layer_types=[t.__name__ for t in layer_types]), trajectory=traj)
 
 
-def tolerance_level(tolerance, budget, base, others):
+def tolerance_level(tolerance, budget, base, others, with_fc=False):
     "Play and Prune at one tolerance, then `others` at the same level: one-shot methods at its filter counts, FCP at its MACs"
-    label = f"tol {tolerance:.1%}"
-    pp = run_play_and_prune(label, budget, base, tolerance)
+    label = f"tol {tolerance:.1%}" + (" +fc1" if with_fc else "") + ("" if budget == DEFAULT_BUDGET else f" ({budget} epochs)")
+    pp = run_play_and_prune(label, budget, base, tolerance, layer_types=(nn.Conv2d, nn.Linear) if with_fc else (nn.Conv2d,))
     counts = dict(zip(filter_counts(base.model), map(int, pp["filters"].split("-"))))
     rows = [pp]
     for name in others:
@@ -157,8 +164,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default="fcp,l1,random")
     ap.add_argument("--levels", default="0.90,0.94,0.96")
-    ap.add_argument("--budget", type=int, default=4, help="training epochs after the baseline, for every method")
+    ap.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="training epochs after the baseline, for every method")
     ap.add_argument("--tolerances", default="", help="Play-and-Prune tolerances, e.g. 0.003,0.005,0.01 (then --methods run at its counts)")
+    ap.add_argument("--pp-fc", action="store_true", help="Play and Prune also prunes fc1's hidden units (level 'tol x% +fc1')")
     ap.add_argument("--out", default=str(Path(__file__).parent/"results"/"lenet5_mnist.json"))
     args = ap.parse_args()
     set_threads(2)
@@ -179,7 +187,7 @@ def main():
                    protocol="one cached baseline; equal post-baseline epochs; L1/random pruned to the filter counts of the method that chose them"),
                    description=__doc__.splitlines()[0])
     for tol in (float(t) for t in args.tolerances.split(",") if t):
-        rows = tolerance_level(tol, args.budget, base, [m for m in methods if m])
+        rows = tolerance_level(tol, args.budget, base, [m for m in methods if m], with_fc=args.pp_fc)
         for r in rows:
             print(f"{r['level']} {r['method']:14} {r['filters']:>14}  MACs -{100*r['macs_reduction']:.1f}%  params -{100*r['params_reduction']:.1f}%  "
                   f"valid {100*r['valid_acc']:.2f}%  test {100*r['test_acc']:.2f}% ({-r['acc_drop_points']:+.2f} pts)  {r['epochs']} epochs  {r['seconds']:.0f}s", flush=True)

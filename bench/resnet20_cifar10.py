@@ -3,6 +3,8 @@
 
     python bench/resnet20_cifar10.py                 # the recorded run (about 1-2 hours on 2 shared CPU cores)
     python bench/resnet20_cifar10.py --quick         # a smoke test on a tiny subset; writes nothing
+    python bench/resnet20_cifar10.py --levels 0.4 --methods cop,l1,random,fcp,fcp_budget,l1_fcp,l1_fcp_long
+                                                     # the recorded rows (one level, l1_uniform skipped: CPU time)
 
 The schedule (all in SETTINGS, stored with the results) is a CPU-sized version of the papers' CIFAR protocol:
 
@@ -19,11 +21,17 @@ The schedule (all in SETTINGS, stored with the results) is a CPU-sized version o
   level (the classic Li et al. allocation);
 * FCP (when `corrprune_edu.fcp` is importable): its own rounds (10% of each layer's filters paired per round, 50
   batches correlating, 50 batches fine-tuning, lr 1e-3) until the MACs level, then the same 4-epoch fine-tune. FCP
-  therefore trains more than the others; the extra batches are recorded in `extra_train_batches`.
+  therefore trains more than the others; the extra batches are recorded in `extra_train_batches`;
+* FCP budget (`fcp_budget`): FCP inside the same budget (25 + 25 batches per round, then the whole epochs left of
+  the 4), the fair comparison with the rows above;
+* L1 at FCP's filter counts, fine-tuned for the shared 4 epochs (`l1_fcp`) and as long as FCP trained in all
+  (`l1_fcp_long`): separates FCP's choice of channels from its allocation and from its extra training.
+  A run resumes from the rows already recorded (partial cache, else the results file).
 
 One seed (CPU budget): differences below about one point of accuracy are within seed noise for this protocol.
 """
 import argparse, copy, json, math, time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,6 +50,8 @@ SETTINGS = dict(model="resnet20", dataset="cifar10", n_per_class=1000, n_test_pe
                 levels=[0.4, 0.6], cop=dict(alpha=1.0, beta=3.0, gamma=0.0, layer_types="Conv2d", top_k=3, normalize="max"),
                 fcp=dict(n_pairs=0.1, correlate_iters=50, finetune_iters=50, lr=1e-3),
                 random_seed=0)
+# FCP within the same 4-epoch budget (method `fcp_budget`): half-length phases, then the epochs that are left
+FCP_BUDGET = dict(n_pairs=0.1, correlate_iters=25, finetune_iters=25, lr=1e-3)
 QUICK = dict(SETTINGS, n_per_class=60, n_test_per_class=20, base_epochs=1, finetune_epochs=1, levels=[0.4],
              fcp=dict(SETTINGS["fcp"], correlate_iters=2, finetune_iters=2))
 SHAPE = (3, 32, 32)
@@ -97,6 +107,8 @@ def main():
         fcp = None
     partial = cache_dir("bench") / f"resnet20_cifar10_{stable_hash(cfg)}.json"      # resume after an interruption
     rows = json.loads(partial.read_text()) if partial.exists() and not args.quick else []
+    if not rows and Path(args.out).exists() and not args.quick:    # rows recorded by an earlier complete run
+        rows = [{k: v for k, v in r.items() if k != "run"} for r in json.loads(Path(args.out).read_text())["rows"]]
     done = {(r["method"], r["level"]) for r in rows}
     if args.levels:                       # after the resume key: a partial run continues the same file
         cfg = dict(cfg, levels=[float(v) for v in args.levels.split(",")])
@@ -154,12 +166,39 @@ def main():
             keep(row("fcp", level, learn, base, acc_pruned, t, rounds=rounds,
                      extra_train_batches=rounds * (f["correlate_iters"] + f["finetune_iters"])))
 
+        if fcp is not None and ("fcp_budget", level) not in done and "fcp_budget" in methods:
+            # FCP inside the others' budget: its rounds count against the fine-tuning epochs (as in bench/lenet5_mnist.py)
+            t = time.perf_counter()
+            set_seed(cfg["seed"])
+            learn = make_learner(copy.deepcopy(base_model), dls, opt=cfg["opt"])
+            f = FCP_BUDGET
+            log = fcp(learn, target_macs_reduction=level, lr=f["lr"], n_pairs=f["n_pairs"],
+                      correlate_iters=f["correlate_iters"], finetune_iters=f["finetune_iters"])
+            used = len(log) * (f["correlate_iters"] + f["finetune_iters"])
+            rest = max(1, round(cfg["finetune_epochs"] - used / len(dls.train)))
+            acc_pruned = test_acc_of(learn.model)
+            learn = finetune(learn.model, dls, dict(cfg, finetune_epochs=rest))
+            keep(row("fcp_budget", level, learn, base, acc_pruned, t, rounds=len(log), settings_used=f,
+                     train_batches=used + rest * len(dls.train)))
+        fcp_row = next((r for r in rows if r["method"] == "fcp" and r["level"] == level), None)
+        for method in ("l1_fcp", "l1_fcp_long"):
+            # L1 at FCP's own filter counts: with the shared budget, and trained as long as FCP was (rounds + fine-tune)
+            if not fcp_row or (method, level) in done or method not in methods: continue
+            t = time.perf_counter()
+            fcp_counts = dict(zip(filter_counts(base_model), map(int, fcp_row["filters"].split("-"))))
+            remove = {g.name: g.n_channels - fcp_counts[g.name] for g in groups}
+            pruned = prune_channels(base_model, keep_counts_plan(l1_scores(base_model, a, groups), remove), analysis=a)
+            assert describe_counts(filter_counts(pruned)) == fcp_row["filters"]
+            epochs = cfg["finetune_epochs"] + (round(fcp_row["extra_train_batches"] / len(dls.train)) if method == "l1_fcp_long" else 0)
+            acc_pruned = test_acc_of(pruned)
+            learn = finetune(pruned, dls, dict(cfg, finetune_epochs=epochs))
+            keep(row(method, level, learn, base, acc_pruned, t, finetune_epochs=epochs))
+
     if fcp is None: print("corrprune_edu.fcp is not available: FCP rows were not run", flush=True)
     if args.quick: return
     record_run(args.out, "resnet20_cifar10", rows, dict(cfg, methods=methods, fcp_available=fcp is not None, baseline=base),
-               command="python bench/resnet20_cifar10.py",
                description="ResNet-20 on CIFAR-10 (10k-image training subset, full test set): COP vs FCP, L1 and random "
-                           "filter selection at equal MACs, same baseline and the same 4-epoch fine-tune")
+                           "filter selection at equal MACs from one baseline; 4-epoch fine-tune unless a row says otherwise")
     print(f"recorded {len(rows)} rows in {args.out}; {time.perf_counter() - t0:.0f}s", flush=True)
 
 
