@@ -229,3 +229,11 @@ def test_union_find_matches_a_naive_reference(case):
     for a in range(n):
         for b in range(n):
             assert (roots[a] == roots[b]) == (find(a) == find(b))
+
+
+def test_group_lookup_by_name_or_member_and_a_clear_error():
+    a = analyze_channels(resnet_cifar(20), (3, 32, 32))
+    stage = a.group("conv1")                                   # the stem names the first stage's residual stream
+    assert a.group(stage) is stage
+    assert a.group("layer1.0.conv2") is stage                 # any producer of a tied group finds the group
+    with pytest.raises(PruningError, match="no channel group named 'conv9'"): a.group("conv9")
