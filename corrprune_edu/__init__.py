@@ -10,6 +10,7 @@ Modules:
 - `corrprune_edu.data`: Real MNIST and CIFAR-10 as fastai `DataLoaders`: stratified seeded subsets, a validation split carved from the training set, and a small MNIST subset shipped inside the package
 - `corrprune_edu.demo`: What `make demo` (the `corrprune-demo` command) runs: train LeNet-5 on the MNIST subset shipped with the package, report its costs, prune it with FCP and compare
 - `corrprune_edu.fcp`: Pick the most correlated filter pairs, train them to be even more correlated, drop one of each pair, fine-tune, repeat (Singh et al., WACV 2020)
+- `corrprune_edu.fdnp`: Prune the 2-D DCT coefficients of every conv kernel dynamically, with splicing, band by band (Liu et al., NeurIPS 2018), and the same rule on spatial weights (dynamic network surgery, Guo et al., NeurIPS 2016)
 - `corrprune_edu.flops`: MACs, parameters and measured latency, per layer and in total
 - `corrprune_edu.models`: The networks the pruning papers use: Caffe LeNet-5, VGG-16 for CIFAR and the CIFAR ResNets, randomly initialised
 - `corrprune_edu.pairs`: The most redundant filter pairs: greedy disjoint matching on |correlation|, per layer or across layers, and which filter of a pair goes
