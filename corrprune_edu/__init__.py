@@ -15,6 +15,7 @@ Modules:
 - `corrprune_edu.models`: The networks the pruning papers use: Caffe LeNet-5, VGG-16 for CIFAR and the CIFAR ResNets, randomly initialised
 - `corrprune_edu.pairs`: The most redundant filter pairs: greedy disjoint matching on |correlation|, per layer or across layers, and which filter of a pair goes
 - `corrprune_edu.results`: One file format for every benchmark, so tables and plots come from the same files
+- `corrprune_edu.sparse`: Weight masks as a first-class object: build them from scores, apply them, keep them applied while a fastai `Learner` trains, count what a sparse model really costs, and hand fully-masked filters to surgery
 - `corrprune_edu.surgery`: Remove channels from a real network, exactly: find everything coupled to each channel, cut it out of every tensor, and keep training
 - `corrprune_edu.train`: A fastai `Learner` factory with good defaults, accuracy on any split, and a cache of trained baselines
 - `corrprune_edu.viz`: Figures the tutorials share: where the cost of a network sits, and what its filters look like"""
