@@ -35,9 +35,38 @@ def surgery_latency() -> pd.DataFrame:
                                                              "latency_ms", "speedup", "speedup_over_macs_ratio"])
 
 
+def fdnp_table(name: str) -> pd.DataFrame:
+    "Weight-level benchmarks: one row per method and sparsity; compression = weights (or coefficients) / non-zeros"
+    df = results_table(RESULTS / f"{name}.json")
+    out = pd.DataFrame({"sparsity": df.level.map(PCT), "method": df.method, "epochs": df.epochs,
+                        "test acc": (100 * df.test_acc).round(2), "drop (pts)": df.drop_pts,
+                        "conv compression": df.conv_compression.round(1), "model compression": df.compression.round(2),
+                        "conv speed-up (no transform)": df.conv_speedup_without_transform.round(1),
+                        "conv speed-up": df.conv_speedup.round(1), "seconds": df.seconds})
+    return out.sort_values(["sparsity", "method"], kind="stable")
+
+
+FDNP_GOAL_DROP = {"fdnp_lenet5": 0.1, "fdnp_resnet20": 0.5}
+
+
+def fdnp_goals(name: str) -> pd.DataFrame:
+    "Per method: the highest conv compression whose accuracy drop stays within the goal's budget"
+    df, budget = results_table(RESULTS / f"{name}.json"), FDNP_GOAL_DROP[name]
+    rows = []
+    for method, d in df.groupby("method", sort=False):
+        ok = d[d.drop_pts <= budget]
+        rows.append({"method": method, f"best conv compression at drop <= {budget} pts":
+                     round(float(ok.conv_compression.max()), 1) if len(ok) else "none",
+                     "its drop (pts)": float(ok.loc[ok.conv_compression.idxmax(), "drop_pts"]) if len(ok) else float("nan")})
+    return pd.DataFrame(rows)
+
+
 TABLES = {"lenet5_mnist": lambda: accuracy_table("lenet5_mnist"),
           "resnet20_cifar10": lambda: accuracy_table("resnet20_cifar10"),
-          "surgery_speed": surgery_speed, "surgery_latency": surgery_latency}
+          "surgery_speed": surgery_speed, "surgery_latency": surgery_latency,
+          "fdnp_lenet5": lambda: fdnp_table("fdnp_lenet5"), "fdnp_resnet20": lambda: fdnp_table("fdnp_resnet20")}
+EXTRA = {"fdnp_lenet5": fdnp_goals, "fdnp_resnet20": fdnp_goals}
+SCRIPTS = {"fdnp_lenet5": "fdnp.py lenet5", "fdnp_resnet20": "fdnp.py resnet20"}
 
 
 def markdown(df: pd.DataFrame) -> str:
@@ -62,7 +91,7 @@ def main(names):
     for name in names or TABLES:
         path = RESULTS / f"{name}.json"
         if not path.exists():
-            print(f"## {name}\n\n(no results yet: run bench/{name}.py)\n"); continue
+            print(f"## {name}\n\n(no results yet: run bench/{SCRIPTS.get(name, name + '.py')})\n"); continue
         data = load_results(path)
         runs = data["runs"]
         machine = runs[-1].get("machine", {})
@@ -70,6 +99,7 @@ def main(names):
               f"(last run {data.get('date', '?')}, {len(runs)} run(s); machine: {machine.get('cpu', '?')}, "
               f"{machine.get('torch_threads', '?')} threads, torch {machine.get('torch', '?')})\n")
         print(markdown(TABLES[name]()), "\n")
+        if name in EXTRA: print(markdown(EXTRA[name](name)), "\n")
 
 
 if __name__ == "__main__":
