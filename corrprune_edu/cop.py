@@ -221,12 +221,10 @@ def plan(self: COP, amount: float | int | None = None, # fraction of the scored 
           alpha: float = 1.0, # weight of redundancy
           beta: float = 0.0, # weight of computation (FLOPs)
           gamma: float = 0.0, # weight of parameters
-          **kwargs, # passed to `COP.select` (macs_reduction, params_reduction, min_channels)
+          **kwargs,
          ) -> dict[str, list[int]]:
     "The surgery plan of `COP.select`: layer name -> channel indices to remove"
     return plan_from_selection(self.select(amount, alpha, beta, gamma, **kwargs))
-
-_SETUP = ("top_k", "normalize", "layer_types", "groups", "analysis")
 
 @delegates(COP)
 def cop_scores(model: nn.Module, # the (trained) model
@@ -234,24 +232,28 @@ def cop_scores(model: nn.Module, # the (trained) model
                beta: float = 0.0, # weight of computation (FLOPs)
                gamma: float = 0.0, # weight of parameters
                example_input=None, # a batch, or one input's shape such as (3, 32, 32)
-               **kwargs, # passed to `COP` (top_k, normalize, layer_types, groups, analysis)
+               **kwargs,
               ) -> pd.DataFrame:
     "COP's per-filter table: layer, index, redundancy s, cost terms f and p, importance (lowest goes first)"
     return COP(model, example_input, **kwargs).scores(alpha, beta, gamma)
 
 @delegates(COP.select)
-@delegates(COP, keep=True)
 def cop_plan(model: nn.Module, # the (trained) model; never modified
              amount: float | int | None = None, # fraction of the scored layers' filters to remove (COP's `prune_rate`), or an int number of filters
              alpha: float = 1.0, # weight of redundancy
              beta: float = 0.0, # weight of computation (FLOPs)
              gamma: float = 0.0, # weight of parameters
              example_input=None, # a batch, or one input's shape such as (3, 32, 32)
-             **kwargs, # to `COP` (top_k, normalize, layer_types, groups, analysis) or `COP.select` (macs_reduction, ...)
+             top_k: int = 3, # redundancy = mean of a channel's `top_k` largest normalised correlations
+             layer_types=(nn.Conv2d,), # producers to score; add `nn.Linear` to prune hidden linear layers too
+             groups="all", # what to prune (see `select_groups`)
+             analysis: ChannelAnalysis | None = None, # reuse an analysis of `model` (skips tracing)
+             normalize: str = "max", # cross-layer normalisation: 'max', 'l1' or 'l2'
+             **kwargs,
             ) -> dict[str, list[int]]:
     "COP's surgery plan: layer name -> channel indices to remove"
-    setup = {k: kwargs.pop(k) for k in _SETUP if k in kwargs}
-    return COP(model, example_input, **setup).plan(amount, alpha, beta, gamma, **kwargs)
+    cop = COP(model, example_input, top_k=top_k, normalize=normalize, layer_types=layer_types, groups=groups, analysis=analysis)
+    return cop.plan(amount, alpha, beta, gamma, **kwargs)
 
 # %% ../nbs/api/12_cop.ipynb #000a1f13
 TABLE4_SETTINGS = ((0, 0), (3, 0), (0, 3), (1, 1))  # (beta, gamma) pairs of [COP] Table 4
@@ -282,7 +284,7 @@ class COPCallback(Callback):
                  params_reduction: float | None = None, # instead of `amount`: remove this fraction of the parameters
                  min_channels: int = 1, # never cut a group below this many channels
                  verbose: bool = False, # print one line when pruning
-                 **kwargs, # passed to `COP` (top_k, normalize, layer_types, groups)
+                 **kwargs,
                 ):
         _check_coefficients(alpha, beta, gamma)
         self.target = dict(zip(_TARGETS, [amount, macs_reduction, params_reduction]))

@@ -233,7 +233,7 @@ def fcp(learn, # a fastai Learner holding a trained model
         tolerance: float | None = None, # or stop past this validation accuracy drop (fraction, 0.01 = one point)
         lr: float = 1e-3, # constant learning rate during FCP
         verbose: bool = False, # print a line per round
-        **kwargs, # passed to `FCPCallback`
+        **kwargs,
        ) -> pd.DataFrame:
     "Prune `learn.model` with FCP and return the per-round log (the learner keeps the pruned model)"
     cb = FCPCallback(macs_reduction, tolerance, verbose=verbose, **kwargs)

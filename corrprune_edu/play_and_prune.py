@@ -448,7 +448,7 @@ class PlayAndPruneCallback(Callback):
                  controller: PRC | None = None, # the pruning-rate controller (default: `GapController()`)
                  afp: AFP | None = None, # AFP settings (default: `AFP()`)
                  anneal: bool = True, # within each phase, anneal the learning rate (cosine, to 1% of the fit's)
-                 **kwargs, # passed to `PlayAndPrune` (phase_batches, recovery_phases, max_iters, patience, baseline_acc, verbose)
+                 **kwargs,
                 ):
         self.loop, self.anneal, self.in_phase = PlayAndPrune(tolerance, controller, afp, **kwargs), anneal, 0
     def before_fit(self):
@@ -482,7 +482,7 @@ def play_and_prune(learn: Learner, # a trained learner; `learn.model` is replace
                    max_iters: int = 30, # stop after this many iterations
                    final_epochs: int = 0, # one-cycle fine-tuning epochs after the loop (kept only if within tolerance)
                    cbs=None, # more fastai callbacks for the loop's `fit`
-                   **kwargs, # passed to `PlayAndPrune` (recovery_phases, patience, baseline_acc, verbose)
+                   **kwargs,
                   ) -> PlayAndPrune:
     "Prune `learn.model` to the smallest model the controller finds within `tolerance`; returns the run (see `history`)"
     cb = PlayAndPruneCallback(tolerance, controller, afp, phase_batches=phase_batches, max_iters=max_iters, **kwargs)
