@@ -466,7 +466,7 @@ def _resolve(a: ChannelAnalysis, plan: dict) -> set:
 
 # %% ../nbs/api/06_surgery.ipynb #11540994
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 def _sync_attributes(m: nn.Module, depthwise: bool):
     "Update a module's channel counts from its (sliced) tensors"
