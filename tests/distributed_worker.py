@@ -17,8 +17,10 @@ from fastai.callback.core import Callback
 from corrprune_edu.core import set_seed, filter_counts
 from corrprune_edu.criteria import l1_plan
 from corrprune_edu.data import ArrayDataset, embedded_mnist_dls
-from corrprune_edu.distributed import (accuracy_counts, distributed_accuracy, on_main_process, prune_learner_distributed,
-                                       rank, unwrap_model, world_size)
+from corrprune_edu.distributed import (accuracy_counts, all_reduce_sum, broadcast_object, check_agreement,
+                                       distributed_accuracy, gather_objects, on_main_process, prune_learner_distributed,
+                                       rank, shared_seed, unwrap_model, world_size)
+from corrprune_edu.surgery import PruningError
 from corrprune_edu.flops import eval_mode
 from corrprune_edu.models import lenet5
 from corrprune_edu.surgery import learner_example, mask_channels
@@ -72,6 +74,20 @@ class CutWithL1(Callback):
 SCENARIOS = {"l1": lambda fail: CutWithL1(fail=fail)}
 
 
+def primitives() -> dict:
+    "Each primitive once, with values that differ by rank; the test checks what every rank got"
+    r, got = rank(), {}
+    got["sum"] = all_reduce_sum(r + 1, 0.5, torch.full((2,), float(r)), torch.tensor([r, 2 * r]))
+    got["broadcast"] = broadcast_object({"from": r}, src=1)
+    got["gather"] = gather_objects(r)
+    got["seed"] = shared_seed()
+    for name, call in [("agreement", lambda: check_agreement({"conv1": [r]}, "a plan that differs")),
+                       ("main_fails", lambda: on_main_process(lambda: 1 / 0))]:
+        try: call(); got[name] = "no error"
+        except (PruningError, ZeroDivisionError, RuntimeError) as e: got[name] = f"{type(e).__name__}: {e}"
+    return got
+
+
 def opt_state(learn) -> dict:
     "The optimiser's per-parameter state, keyed by parameter name"
     names = {id(p): n for n, p in learn.model.named_parameters()}
@@ -96,7 +112,7 @@ def main():
     with learn.distrib_ctx(cpu=True, sync_bn=False, kwargs_handlers=[timeout]):
         with quiet(learn): learn.fit(args.epochs, 3e-3, cbs=cb)
     seconds = time.perf_counter() - t0
-    record = dict(rank=rank(), world_size=world_size(), seconds=seconds, state=snapshot(learn.model),
+    record = dict(primitives=primitives(), rank=rank(), world_size=world_size(), seconds=seconds, state=snapshot(learn.model),
                   history=learn.model.pruning_history, counts=filter_counts(learn.model), opt=opt_state(learn),
                   recorder=[[float(v) for v in row] for row in learn.recorder.values], evidence=cb.ev)
     args.out.mkdir(parents=True, exist_ok=True)

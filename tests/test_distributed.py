@@ -138,6 +138,17 @@ def test_l1_accuracy_is_over_the_whole_split(l1_run):
     assert correct / N_VALID == l1_run[0]["evidence"]["acc_after"]
 
 
+def test_primitives_on_two_processes(l1_run):
+    got = [r["primitives"] for r in l1_run]
+    for g in got:
+        assert_same(g["sum"], (3, 1.0, torch.ones(2), torch.tensor([1, 2])), "all_reduce_sum")
+        assert g["broadcast"] == {"from": 1} and g["gather"] == [0, 1]
+        assert g["agreement"].startswith("PruningError: the processes disagree on a plan that differs: rank(s) [1]")
+    assert got[0]["seed"] == got[1]["seed"]
+    assert got[0]["main_fails"].startswith("ZeroDivisionError")
+    assert got[1]["main_fails"].startswith("RuntimeError") and "ZeroDivisionError" in got[1]["main_fails"]
+
+
 @pytest.mark.parametrize("fail,message", [("exit", r"Connection (closed|reset) by peer"),
                                           ("hang", r"Timed out waiting \d+ms")])
 def test_a_failed_rank_fails_the_other(tmp_path, fail, message):
