@@ -17,7 +17,6 @@ from corrprune_edu.surgery import prune_channels
 from corrprune_edu.train import accuracy_on
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
-pytest.importorskip("accelerate", reason="the distributed extra is part of the dev extra: pip install -e '.[dev]'")
 
 
 def _start(cmd, log: Path, **env):
@@ -149,8 +148,8 @@ def test_primitives_on_two_processes(l1_run):
     assert got[1]["main_fails"].startswith("RuntimeError") and "ZeroDivisionError" in got[1]["main_fails"]
 
 
-@pytest.mark.parametrize("fail,message", [("exit", r"Connection (closed|reset) by peer"),
-                                          ("hang", r"Timed out waiting \d+ms")])
+@pytest.mark.parametrize("fail,message", [("exit", r"Connection (closed|reset) by peer|Broken pipe"),
+                                          ("hang", r"(?i)timed out")], ids=["exit", "hang"])
 def test_a_failed_rank_fails_the_other(tmp_path, fail, message):
     "Rank 1 exits (or hangs) at the cut; rank 0, with no launcher to stop it, must exit with an error on its own"
     t0 = time.perf_counter()
