@@ -2,6 +2,7 @@
 
 Modules:
 
+- `corrprune_edu.admm`: Weight pruning as constrained optimisation (Ye et al. 2018): ADMM-regularised training, hard pruning and masked retraining, and the progressive schedule that reaches high rates through partial prunings, inside `learn.fit`
 - `corrprune_edu.controller`: Give an error tolerance, get the smallest model within it: adaptive filter pruning (AFP) shrinks the network while a pruning-rate controller (PRC) protects its accuracy, inside `learn.fit`
 - `corrprune_edu.cop`: Customised pruning: remove the channels the next layer reads alike, weighted by what their layers cost in parameters or FLOPs, globally and one filter at a time (Wang et al., IJCAI 2019)
 - `corrprune_edu.core`: Seeding, threads, the cache folder and the helpers every other module leans on
