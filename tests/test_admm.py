@@ -14,7 +14,7 @@ from corrprune_edu.core import set_seed
 from corrprune_edu.data import embedded_mnist_dls
 from corrprune_edu.models import lenet5
 from corrprune_edu.sparse import apply_masks, magnitude_masks, masks_equal, masks_from_zeros, sparsity_report
-from corrprune_edu.surgery import prune_learner
+from corrprune_edu.checkpoint import prune_learner
 from corrprune_edu.train import make_learner, quiet
 
 

@@ -18,7 +18,7 @@ from corrprune_edu.sparse import (KeepMaskedCallback, GradualMagnitudeCallback, 
                                   masks_from_scores, masks_from_zeros, masks_to_plan, one_shot_magnitude,
                                   optimizer_state, prune_masked, quantize_nonzeros, sparse_macs, sparse_storage,
                                   sparsity_report, topk_mask)
-from corrprune_edu.surgery import prune_learner
+from corrprune_edu.checkpoint import prune_learner
 from corrprune_edu.train import make_learner, quiet
 
 
