@@ -2,6 +2,7 @@
 
 Modules:
 
+- `corrprune_edu.admm`: Weight pruning as constrained optimisation (Ye et al. 2018): ADMM-regularised training, hard pruning and masked retraining, and the progressive schedule that reaches high rates through partial prunings, inside `learn.fit`
 - `corrprune_edu.channels`: Which channels are coupled to which layers: run the model once, follow every channel through every operation, and group the channels that can only be pruned together
 - `corrprune_edu.checkpoint`: Prune a fastai `Learner`'s model in the middle of `fit` without losing the optimiser's hyper-parameters or state, and save and load pruned models
 - `corrprune_edu.cop`: Customised pruning: remove the channels the next layer reads alike, weighted by what their layers cost in parameters or FLOPs, globally and one filter at a time (Wang et al., IJCAI 2019)
