@@ -131,6 +131,7 @@ def stable_argsort(scores, # one score per item: a 1-D tensor, array or list, in
     rtol = check_number(rtol, "rtol", 0, 1, "stable_argsort", high_open=True)
     x = x.astype(np.float64)
     if np.isnan(x).any(): raise ValueError(f"stable_argsort: scores hold {int(np.isnan(x).sum())} NaN; compute them from finite weights (see `check_finite`)")
+    if x.size == 0: return np.zeros(0, dtype=np.int64)
     if descending: x = -x
     finite = np.abs(x[np.isfinite(x)])
     tol = rtol * finite.max() if finite.size else 0.0
