@@ -48,8 +48,8 @@ def select_groups(analysis: ChannelAnalysis, # from `analyze_channels`
     for name in groups:
         try: g = analysis.group(name)
         except PruningError:
-            raise ValueError(f"select_groups: groups names {name!r}, which is no channel group; groups are named by their first "
-                             f"producer: {[g.name for g in found]}") from None
+            raise ValueError(f"select_groups: groups asks for {name!r}, but there is no channel group named {name!r}; pass "
+                             f"group names (a group is named by its first producer): {[g.name for g in found]}") from None
         if not g.prunable: raise ValueError(f"select_groups: groups names '{g.name}', which cannot be pruned ({g.reason}); leave it out")
         if not of_type(g):
             raise ValueError(f"select_groups: groups names '{g.name}', whose producer is a {type(model.get_submodule(g.producers[0])).__name__}, "
