@@ -21,7 +21,7 @@ from fastai.callback.schedule import LRFinder
 from fastcore.basics import patch
 from fastcore.meta import delegates
 
-from .core import check_finite, check_int, check_number, stable_argsort
+from .core import check_finite, check_int, check_number, stable_argmin
 from .correlation import cop_matrix
 from .criteria import select_groups
 from .flops import CostModel
@@ -182,7 +182,7 @@ def select(self: COP, amount: float | int | None = None, # fraction of the score
         # every live filter of every open group, in (group position, channel index) order, so the tie rule picks the lowest of both
         cands = [(gi, np.flatnonzero(alive[gi])) for gi in open_groups]
         imps = np.concatenate([alpha * (1 - s[gi][cs]) + beta * (1 - f_hat[gi]) + gamma * (1 - p_hat[gi]) for gi, cs in cands])
-        k = int(stable_argsort(imps)[0])
+        k = stable_argmin(imps)
         gis = np.concatenate([np.full(len(cs), gi) for gi, cs in cands]); chans = np.concatenate([cs for _, cs in cands])
         total, gi, c = imps[k], int(gis[k]), int(chans[k])
         rows.append(dict(layer=self.names[gi], index=c, importance=total, s=s[gi][c], f=f_hat[gi], p=p_hat[gi]))
