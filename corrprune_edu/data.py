@@ -166,6 +166,8 @@ def pad_crop_flip(x: torch.Tensor, # a batch of images (N, C, H, W)
                   flip: bool = True, # also flip a random half of the batch left-right
                  ) -> torch.Tensor:
     "Random-crop augmentation (pad, then crop back to size) with random horizontal flips, per image"
+    pad = check_int(pad, "pad", 0, "pad_crop_flip")
+    if x.ndim != 4: raise ValueError(f"pad_crop_flip: x must be a batch of images (N, C, H, W), got shape {tuple(x.shape)}")
     n, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
     oy, ox = torch.randint(0, 2*pad + 1, (n,)), torch.randint(0, 2*pad + 1, (n,))
