@@ -96,7 +96,7 @@ def plan_from_scores(scores: dict[str, torch.Tensor], # group name -> one score 
     if not isinstance(scores, dict): raise TypeError(f"plan_from_scores: scores must be a dict group name -> one score per channel, got {type(scores).__name__}")
     if isinstance(amount, dict) and set(amount) - set(scores):
         raise ValueError(f"plan_from_scores: amount names groups that are not scored: {sorted(set(amount) - set(scores))}; "
-                         f"scored groups: {list(scores)}")
+                         f"use the scored groups' names: {list(scores)}")
     check_finite(scores, "plan_from_scores")
     plan = {}
     for name, s in scores.items():

@@ -67,7 +67,7 @@ def choose_drop(i: int, j: int, # the two channels of the pair
     "Which channel of the pair (i, j) to drop; `l1`/`l2` drop the smaller filter, the lower index when the norms tie"
     if rule not in DROP_RULES: raise ValueError(f"choose_drop: rule must be one of {DROP_RULES}, got {rule!r}")
     lo, hi = sorted((check_int(i, "i", 0, "choose_drop"), check_int(j, "j", 0, "choose_drop")))
-    if lo == hi: raise ValueError(f"choose_drop: a pair needs two different channels, got i = j = {i}")
+    if lo == hi: raise ValueError(f"choose_drop: got i = j = {i}; pass the two different channels of a pair")
     if rule == "first": return lo
     if rule == "second": return hi
     if rule == "random": return (rng or np.random.default_rng(0)).choice([i, j]).item()
@@ -113,7 +113,7 @@ def select_pairs(model: nn.Module, # the model
     groups = select_groups(analysis, "all" if groups is None else groups, (nn.Module,) if named else (nn.Conv2d,), model)
     if isinstance(n_pairs, dict) and set(n_pairs) - {g.name for g in groups}:
         raise ValueError(f"{who}: n_pairs names groups that are not selected: {sorted(set(n_pairs) - {g.name for g in groups})}; "
-                         f"selected groups: {[g.name for g in groups]}")
+                         f"use the selected groups' names: {[g.name for g in groups]}")
     corr_kwargs.setdefault("dtype", torch.float64)                                 # ties are then decided at float64 precision
     rng = np.random.default_rng(seed)
     candidates = []
