@@ -139,7 +139,7 @@ def stable_argsort(scores, # one score per item: a 1-D tensor, array or list, in
     if x.size == 0: return np.zeros(0, dtype=np.int64)
     if descending: x = -x
     order = np.argsort(x, kind="stable")
-    gaps = np.diff(x[order])
+    with np.errstate(invalid="ignore"): gaps = np.diff(x[order])
     run = np.concatenate([[0], np.cumsum(gaps > tol)])    # a new run where a gap exceeds tol (inf - inf is NaN: same run)
     return order[np.lexsort((order, run))]
 
