@@ -10,7 +10,6 @@ Docs: https://corrprune-edu.github.io/corrprune_edu/api/cop.html.md"""
 # %% ../nbs/api/12_cop.ipynb #b7c097c7
 from __future__ import annotations
 import math, warnings
-from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -272,16 +271,6 @@ def customisation_table(cop: COP, # a COP of the model
     return pd.DataFrame(rows)
 
 # %% ../nbs/api/12_cop.ipynb #f71fe2d8
-@contextmanager
-def _hooks_set_aside(model: nn.Module):
-    "Empty every module's forward (pre-)hook dicts for the block and put the same dicts back after, so handles keep working"
-    names = ("_forward_pre_hooks", "_forward_hooks")
-    saved = [(m, n, getattr(m, n)) for m in model.modules() for n in names if getattr(m, n, None)]
-    for m, n, d in saved: setattr(m, n, type(d)())
-    try: yield
-    finally:
-        for m, n, d in saved: setattr(m, n, d)
-
 @delegates(COP, but=["example_input", "analysis"])
 class COPCallback(Callback):
     "Prune `learn.model` with COP once, at a chosen point of `fit`, and let the rest of `fit` fine-tune it"
@@ -320,7 +309,7 @@ class COPCallback(Callback):
     def prune(self):
         "Score the current model, select COP's cuts, and prune the learner (optimiser rebuilt with its hyper-parameters)"
         x = learner_example(self.learn)
-        with _hooks_set_aside(self.learn.model): cop = COP(self.learn.model, x, **self.cop_kwargs)
+        cop = COP(self.learn.model, x, **self.cop_kwargs)
         self.selection = cop.select(alpha=self.alpha, beta=self.beta, gamma=self.gamma, min_channels=self.min_channels, **self.target)
         self.plan = plan_from_selection(self.selection)
         info = prune_learner(self.learn, self.plan, example_input=x)
