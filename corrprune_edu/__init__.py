@@ -3,7 +3,7 @@
 Modules:
 
 - `corrprune_edu.channels`: Which channels are coupled to which layers: run the model once, follow every channel through every operation, and group the channels that can only be pruned together
-- `corrprune_edu.checkpoint`: Prune a fastai `Learner`'s model in the middle of `fit` without losing the optimiser's hyper-parameters or state, and save and load pruned models
+- `corrprune_edu.checkpoint`: Prune a fastai `Learner`'s model in the middle of `fit` without losing the optimiser's hyper-parameters, state or the user's hooks; checkpoint and restore a Learner; save and load pruned models, also through `learn.save` / `learn.load`
 - `corrprune_edu.cop`: Customised pruning: remove the channels the next layer reads alike, weighted by what their layers cost in parameters or FLOPs, globally and one filter at a time (Wang et al., IJCAI 2019)
 - `corrprune_edu.core`: Seeding, threads, the cache folder and the helpers every other module leans on
 - `corrprune_edu.correlation`: How alike two filters are: Pearson and cosine similarity of their weights, how the next layer reads them (COP), and how their activations move together

@@ -73,7 +73,7 @@ def test_save_and_load_pruned_resnet(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(back(x), pruned(x))
     sd = torch.load(tmp_path/"r.pt", weights_only=True)   # plain tensors and lists: safe to load
-    assert len(sd["pruning_history"]) == 2
+    assert len(sd["pruning"]["history"]) == 2
 
 
 def test_load_pruned_into_the_wrong_family_is_a_clear_error(tmp_path):
