@@ -18,6 +18,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 from torch import nn
+from fastai.callback.hook import HookCallback
 from fastai.callback.schedule import LRFinder
 from fastai.learner import Learner
 from fastai.torch_core import get_model, rank_distrib
@@ -32,8 +33,8 @@ from .surgery import apply_plan, copy_model, prune_channels, record_pruning
 # %% auto #0
 __all__ = ['HOOK_ATTRS', 'FASTAI_SAFE_GLOBALS', 'fastai_save', 'fastai_load', 'optimizer_state', 'named_optimizer_state',
            'load_named_state', 'rebuild_optimizer', 'move_hooks', 'remember_unpruned', 'unpruned_model',
-           'learner_example', 'swap_model', 'prune_learner', 'Checkpoint', 'in_lr_find', 'pruning_record',
-           'replay_pruning', 'read_checkpoint', 'save_pruned', 'load_pruned']
+           'learner_example', 'retarget_hook_callbacks', 'swap_model', 'prune_learner', 'Checkpoint', 'in_lr_find',
+           'pruning_record', 'replay_pruning', 'read_checkpoint', 'save_pruned', 'load_pruned']
 
 # %% ../nbs/api/06b_checkpoint.ipynb #bd1c6c3d
 def optimizer_state(opt, # a fastai `Optimizer`, or an `OptimWrapper` around a PyTorch optimiser
@@ -139,6 +140,16 @@ def learner_example(learn) -> torch.Tensor:
     x = xb[0] if isinstance(xb, tuple) and xb and isinstance(xb[0], torch.Tensor) else learn.dls.valid.one_batch()[0]
     return x[:2].as_subclass(torch.Tensor).detach()
 
+def retarget_hook_callbacks(learn, # a fastai `Learner`
+                             old: nn.Module, # the model its callbacks hook now
+                             new: nn.Module, # the model that replaces it
+                            ):
+    "Point fastai's `HookCallback`s (`ActivationStats`, ...) at the new model's modules, which they hook again every `every` batches"
+    by_name, name_of = dict(new.named_modules()), {id(m): n for n, m in old.named_modules()}
+    for cb in learn.cbs:
+        if isinstance(cb, HookCallback) and cb.modules is not None:
+            cb.modules = [by_name.get(name_of.get(id(m)), m) for m in cb.modules]
+
 def swap_model(learn, # a fastai `Learner`
                model: nn.Module, # the model that replaces `learn.model` (same parameter names)
                opt_state: dict | None = None, # optimiser state by parameter name for the new optimiser
@@ -158,6 +169,7 @@ def swap_model(learn, # a fastai `Learner`
         learn.model, learn.opt = old_model, old_opt
         raise
     move_hooks(old_model, model)
+    retarget_hook_callbacks(learn, old_model, model)
     return learn
 
 def prune_learner(learn, # a fastai `Learner`, possibly in the middle of `fit`
