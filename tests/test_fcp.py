@@ -53,7 +53,7 @@ def test_correlating_first_makes_the_drop_cheaper_than_dropping_naively():
     assert log.acc_after_drop.mean() > naive_log.acc_after_drop.mean() + 0.005, (log.acc_after_drop.tolist(), naive_log.acc_after_drop.tolist())
 
 
-def test_accuracy_budget_rolls_back_to_the_last_good_round_with_its_optimiser_state():
+def test_accuracy_budget_rolls_back_to_the_last_good_round():
     learn = baseline()
     counts = filter_counts(learn.model)
     log = fcp(learn, tolerance=0.0, n_pairs=0.45, correlate_iters=1, finetune_iters=1, fold=False, lam=0.0)
@@ -62,12 +62,25 @@ def test_accuracy_budget_rolls_back_to_the_last_good_round_with_its_optimiser_st
     good = log[log.status == "accepted"]
     expected = counts if good.empty else dict(zip(counts, map(int, good.filters.iloc[-1].split("-"))))
     assert filter_counts(learn.model) == expected
-    # the rollback went through the best checkpoint: its optimiser state, not a fresh optimiser's
-    saved = run.best.opt_state["conv2.weight"]
-    now = learn.opt.state[learn.model.conv2.weight]
-    assert saved and set(now) == set(saved)
-    for k, v in saved.items():
-        if isinstance(v, torch.Tensor): assert torch.equal(now[k], v), k
+
+
+def test_a_rollback_restores_the_checkpoint_with_its_optimiser_state():
+    "A round below the floor goes back to the best checkpoint: its weights, its optimiser state, the fit's hyper-parameters"
+    learn = small_learner()                                          # trained: the optimiser has state to keep
+    run = FCP(tolerance=0.01, n_pairs=0.3, fold=False)
+    learn.opt.set_hypers(lr=3e-4, wd=0.02)
+    run.start(learn)
+    best = run.best
+    assert best.opt_state["conv2.weight"]
+    run.drop(learn, learn.dls.train.one_batch()[0])
+    run.base_acc = 2.0                                               # no model can reach this: the round must roll back
+    assert not run.end_round(learn) and run.done and run.log[-1]["status"] == "rolled back"
+    assert filter_counts(learn.model) == filter_counts(best.model)
+    for k, v in best.model.state_dict().items(): assert torch.equal(learn.model.state_dict()[k], v), k
+    for name, p in learn.model.named_parameters():
+        for k, v in best.opt_state[name].items():
+            if isinstance(v, torch.Tensor): assert torch.equal(learn.opt.state[p][k], v), (name, k)
+    assert (learn.opt.hypers[0]["lr"], learn.opt.hypers[0]["wd"]) == (3e-4, 0.02)
 
 
 def test_fcp_never_reads_the_test_set():
