@@ -8,7 +8,7 @@ Docs: https://corrprune-edu.github.io/corrprune_edu/api/play_and_prune.html.md""
 
 # %% ../nbs/api/13_play_and_prune.ipynb #6aca9384
 from __future__ import annotations
-import copy, math, time, warnings
+import math, time, warnings
 
 import numpy as np
 import pandas as pd
@@ -265,7 +265,6 @@ def start(self: PlayAndPrune, learn: Learner) -> None:
     if self.baseline_acc is None: self.baseline_acc = _acc(learn)
     Checkpoint(learn).restore(learn)                      # work on a copy: the caller's network is never touched
     self._measure(learn)
-    self._analyse(learn)
     self.ids = {g.name: list(range(g.n_channels)) for g in self.groups}
     self.mode, self.recoveries, self.idle, self.limit, self.closed = "prune", 0, 0, None, set()
     self.cand, self.cand_start, self.attempt = {}, {}, {}
@@ -602,6 +601,11 @@ def phase_cosine(lr: float, # the learning rate at the start of every phase
                  final: float = 0.01, # the learning rate at the end of a phase, as a fraction of `lr`
                 ):
     "A fastai schedule (progress of the fit in [0, 1] -> learning rate) that anneals from `lr` to `final * lr` within every phase"
+    who = "phase_cosine"
+    lr = check_number(lr, "lr", 0, None, who, low_open=True, hint="Give a learning rate such as 2e-3.")
+    n_phase = check_int(n_phase, "n_phase", 1, who, hint="Pass the training batches per phase (the loop's `phase_batches`).")
+    n_batches = check_int(n_batches, "n_batches", 1, who, hint="Pass epochs x batches per epoch of the fit.")
+    final = check_number(final, "final", 0, 1, who, hint="Give the last learning rate of a phase as a fraction of `lr`, such as 0.01.")
     def sched(pos):
         i = int(round(pos * n_batches)) % n_phase           # the batch's place in its phase (fastai's `pct_train` is a float sum)
         return lr * (final + (1 - final) * (1 + math.cos(math.pi * i / n_phase)) / 2)

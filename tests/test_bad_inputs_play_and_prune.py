@@ -5,7 +5,7 @@ Every case asserts the exception type, that the message names the argument (or t
 what to do, and that the caller's model is the very same object, with the same weights, after the call. All of them
 fail before any training starts.
 """
-import math, re
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,7 +18,7 @@ from corrprune_edu.channels import analyze_channels
 from corrprune_edu.data import mnist_dls
 from corrprune_edu.models import lenet5
 from corrprune_edu.play_and_prune import (AFP, FixedController, GapController, PlayAndPruneCallback, penalty_terms,
-                                          play_and_prune, replay, select_candidates)
+                                          phase_cosine, play_and_prune, replay, select_candidates)
 from corrprune_edu.core import filter_counts
 from corrprune_edu.train import make_learner, quiet
 
@@ -98,6 +98,8 @@ CASES = [
     Case("final_epochs-float", pp(final_epochs=0.5), TypeError, "final_epochs"),
     Case("scheduler-with-anneal", pp(cbs=[ParamScheduler({"lr": lambda pos: 1e-3})]), ValueError, "anneal"),
     # helpers
+    Case("phase_cosine-n_phase-zero", lambda learn: phase_cosine(1e-3, 0, 100), ValueError, "n_phase"),
+    Case("phase_cosine-final-above-one", lambda learn: phase_cosine(1e-3, 4, 100, final=2.0), ValueError, "final"),
     Case("select_candidates-W-nan", lambda learn: select_candidates(scores(), NAN), ValueError, r"\bW\b"),
     Case("select_candidates-limit-zero", lambda learn: select_candidates(scores(), 0.5, limit=0), ValueError, "limit"),
     Case("select_candidates-inf-score", lambda learn: select_candidates({**scores(), "conv2": torch.tensor([.1, INF, .5])}, 0.5),

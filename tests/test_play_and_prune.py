@@ -7,20 +7,19 @@ import numpy as np
 import pytest
 import torch
 from fastai.callback.core import Callback, CancelFitException
-from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.hook import ActivationStats
-from fastai.callback.schedule import ParamScheduler
 from fastai.callback.training import GradientAccumulation
 from hypothesis import given, settings, strategies as st
 
 import corrprune_edu.play_and_prune as pap
-from corrprune_edu.play_and_prune import (AFP, FixedController, GapController, PRC, PlayAndPrune, PlayAndPruneCallback,
+from corrprune_edu.play_and_prune import (AFP, FixedController, GapController, PRC, PlayAndPruneCallback,
                                           l1_penalty, penalty_terms, play_and_prune, replay, select_candidates)
 from corrprune_edu.core import describe_counts, filter_counts
 from corrprune_edu.data import mnist_dls
 from corrprune_edu.models import lenet5
 from corrprune_edu.channels import analyze_channels
 from corrprune_edu.train import cached_baseline, evaluate, fit, make_learner, quiet
+from test_fastai_contract import CPUMixedPrecision          # fastai's MixedPrecision with CPU autocast (bf16)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -362,14 +361,6 @@ def test_the_penalty_is_scaled_with_gradient_accumulation(tiny, n_acc):
     assert probe.rows
     for loss_grad, loss, bs, pen in probe.rows:
         assert pen > 0 and loss_grad * n_acc / bs == pytest.approx(loss + pen, rel=1e-5)
-
-
-class CPUMixedPrecision(MixedPrecision):
-    "fastai's MixedPrecision, autocasting on the CPU (bfloat16) so that the test runs without a GPU"
-    def __init__(self): super().__init__(amp_mode="bf16")
-    def before_fit(self):
-        super().before_fit()
-        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16)
 
 
 def test_a_stopped_fit_leaves_no_autocast_behind(tiny):
