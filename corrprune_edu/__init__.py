@@ -2,6 +2,7 @@
 
 Modules:
 
+- `corrprune_edu.checks`: Feedback that teaches: every check names the task, the input it tried, what it expected and what came back, and says what is probably wrong
 - `corrprune_edu.controller`: Give an error tolerance, get the smallest model within it: adaptive filter pruning (AFP) shrinks the network while a pruning-rate controller (PRC) protects its accuracy, inside `learn.fit`
 - `corrprune_edu.cop`: Customised pruning: remove the channels the next layer reads alike, weighted by what their layers cost in parameters or FLOPs, globally and one filter at a time (Wang et al., IJCAI 2019)
 - `corrprune_edu.core`: Seeding, threads, the cache folder and the helpers every other module leans on

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['WEIGHT_LAYERS', 'set_seed', 'set_threads', 'cache_dir', 'stable_hash', 'weight_layers', 'filter_counts',
+__all__ = ['WEIGHT_LAYERS', 'set_seed', 'set_threads', 'in_test', 'cache_dir', 'stable_hash', 'weight_layers', 'filter_counts',
            'describe_counts']
 
 # %% ../nbs/api/00_core.ipynb #c169fa4b
@@ -35,6 +35,13 @@ def set_threads(n: int | None = None, # CPU threads for PyTorch; `None` reads `C
     if n < 1: raise ValueError(f"set_threads: n must be at least 1, got {n}")
     torch.set_num_threads(n)
     return n
+
+# %% ../nbs/api/00_core.ipynb #df5291a8
+def in_test(env: dict | None = None, # the environment to read (default: `os.environ`)
+           ) -> bool:
+    "True when `IN_TEST` is set to anything but '', '0', 'false' or 'no' (case-insensitive)"
+    value = (os.environ if env is None else env).get("IN_TEST", "")
+    return value.strip().lower() not in ("", "0", "false", "no")
 
 # %% ../nbs/api/00_core.ipynb #a6d2fe76
 def cache_dir(*parts: str, # sub-folders to append
