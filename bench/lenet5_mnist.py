@@ -29,18 +29,18 @@ Protocol (the same for every method; later methods add themselves to METHODS):
 import argparse, copy, math, time
 from pathlib import Path
 
-import torch
 
 from torch import nn
 
-from corrprune_edu.controller import AFP, GapController, play_and_prune
+from corrprune_edu.play_and_prune import AFP, GapController, play_and_prune
 from corrprune_edu.cop import COP
 from corrprune_edu.core import describe_counts, filter_counts, set_seed, set_threads
-from corrprune_edu.criteria import l1_scores, random_scores, select_groups
+from corrprune_edu.criteria import l1_scores, plan_from_scores, random_scores, select_groups
 from corrprune_edu.fcp import fcp
 from corrprune_edu.flops import count_macs, count_params
 from corrprune_edu.results import record_run
-from corrprune_edu.surgery import analyze_channels, prune_learner
+from corrprune_edu.channels import analyze_channels
+from corrprune_edu.checkpoint import prune_learner
 from corrprune_edu.train import cached_baseline, evaluate, fit
 
 SHAPE = (1, 28, 28)
@@ -72,8 +72,7 @@ def prune_to_counts(learn, counts, scores_fn):
     "Remove the lowest-scoring filters (or hidden units) of each layer until it has `counts[layer]` of them"
     a = analyze_channels(learn.model, SHAPE)
     scores = scores_fn(learn.model, a, select_groups(a, layer_types=(nn.Conv2d, nn.Linear), model=learn.model))
-    plan = {g: sorted(torch.argsort(s, stable=True)[: len(s) - counts[g]].tolist()) for g, s in scores.items() if counts[g] < len(s)}
-    prune_learner(learn, plan, SHAPE)
+    prune_learner(learn, plan_from_scores(scores, {g: len(s) - counts[g] for g, s in scores.items()}), SHAPE)
 
 
 def one_shot(name, scores_fn):
@@ -90,7 +89,7 @@ def run_fcp(level, budget, base, counts=None, phase_iters=40, n_pairs=0.4, **_):
     "FCP rounds (correlate, fold, drop, fine-tune) to the MACs level, then one-cycle fine-tuning with the rest of the budget"
     learn, t0 = baseline(), time.perf_counter()
     set_seed(0)
-    log = fcp(learn, target_macs_reduction=level, n_pairs=n_pairs, correlate_iters=phase_iters, finetune_iters=phase_iters)
+    log = fcp(learn, macs_reduction=level, n_pairs=n_pairs, correlate_iters=phase_iters, finetune_iters=phase_iters)
     used = log.pairs.size * 2 * phase_iters / len(learn.dls.train)
     rest = max(0, math.floor(budget - used))
     if rest: fit(learn, rest, lr=FT_LR)
@@ -110,7 +109,7 @@ def run_cop(level, budget, base, name="cop", alpha=1.0, beta=1.0, gamma=1.0, lay
                cop=dict(alpha=alpha, beta=beta, gamma=gamma, layer_types=[t.__name__ for t in layer_types]))
 
 
-# Play and Prune's settings (tuned on the validation split for this budget; see corrprune_edu.controller):
+# Play and Prune's settings (tuned on the validation split for this budget; see corrprune_edu.play_and_prune):
 # phases of 1/5 epoch at lr 2e-3 annealed within each phase; the controller starts at high pressure (lambda 0.05,
 # W 0.9) and AFP may take 30% of a layer's filters per iteration; one final epoch of one-cycle fine-tuning.
 PP = dict(lr=2e-3, phases_per_epoch=5, lam=0.05, W=0.9, max_frac=0.3, final_epochs=1)

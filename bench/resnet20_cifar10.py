@@ -42,7 +42,8 @@ from corrprune_edu.core import cache_dir, describe_counts, filter_counts, set_se
 from corrprune_edu.criteria import l1_scores, plan_from_scores, random_scores, select_groups
 from corrprune_edu.flops import count_macs, count_params
 from corrprune_edu.results import record_run
-from corrprune_edu.surgery import analyze_channels, prune_channels
+from corrprune_edu.channels import analyze_channels
+from corrprune_edu.surgery import prune_channels
 from corrprune_edu.train import accuracy_on, cached_baseline, evaluate, fit, make_learner
 
 SETTINGS = dict(model="resnet20", dataset="cifar10", n_per_class=1000, n_test_per_class=None, valid_pct=0.1,
@@ -55,11 +56,6 @@ FCP_BUDGET = dict(n_pairs=0.1, correlate_iters=25, finetune_iters=25, lr=1e-3)
 QUICK = dict(SETTINGS, n_per_class=60, n_test_per_class=20, base_epochs=1, finetune_epochs=1, levels=[0.4],
              fcp=dict(SETTINGS["fcp"], correlate_iters=2, finetune_iters=2))
 SHAPE = (3, 32, 32)
-
-
-def keep_counts_plan(scores: dict, counts: dict) -> dict:
-    "Remove, in every group, the `counts[group]` channels with the lowest scores"
-    return {g: sorted(torch.argsort(scores[g], stable=True)[:n].tolist()) for g, n in counts.items() if n}
 
 
 def uniform_l1_plan(model, analysis, level):
@@ -135,8 +131,8 @@ def main():
     for level in cfg["levels"]:
         plan = cop.plan(macs_reduction=level, **abg)
         counts = {g.name: len(plan.get(g.name, [])) for g in groups}
-        plans = {"l1": keep_counts_plan(l1_scores(base_model, a, groups), counts),
-                 "random": keep_counts_plan(random_scores(groups, cfg["random_seed"]), counts)}
+        plans = {"l1": plan_from_scores(l1_scores(base_model, a, groups), counts),
+                 "random": plan_from_scores(random_scores(groups, cfg["random_seed"]), counts)}
         plans["l1_uniform"], frac = uniform_l1_plan(base_model, a, level)
 
         if ("cop", level) not in done and "cop" in methods:
@@ -158,7 +154,7 @@ def main():
             set_seed(cfg["seed"])
             learn = make_learner(copy.deepcopy(base_model), dls, opt=cfg["opt"])
             f = cfg["fcp"]
-            log = fcp(learn, target_macs_reduction=level, lr=f["lr"], n_pairs=f["n_pairs"],
+            log = fcp(learn, macs_reduction=level, lr=f["lr"], n_pairs=f["n_pairs"],
                       correlate_iters=f["correlate_iters"], finetune_iters=f["finetune_iters"])
             rounds = len(log)
             acc_pruned = test_acc_of(learn.model)
@@ -172,7 +168,7 @@ def main():
             set_seed(cfg["seed"])
             learn = make_learner(copy.deepcopy(base_model), dls, opt=cfg["opt"])
             f = FCP_BUDGET
-            log = fcp(learn, target_macs_reduction=level, lr=f["lr"], n_pairs=f["n_pairs"],
+            log = fcp(learn, macs_reduction=level, lr=f["lr"], n_pairs=f["n_pairs"],
                       correlate_iters=f["correlate_iters"], finetune_iters=f["finetune_iters"])
             used = len(log) * (f["correlate_iters"] + f["finetune_iters"])
             rest = max(1, round(cfg["finetune_epochs"] - used / len(dls.train)))
@@ -187,7 +183,7 @@ def main():
             t = time.perf_counter()
             fcp_counts = dict(zip(filter_counts(base_model), map(int, fcp_row["filters"].split("-"))))
             remove = {g.name: g.n_channels - fcp_counts[g.name] for g in groups}
-            pruned = prune_channels(base_model, keep_counts_plan(l1_scores(base_model, a, groups), remove), analysis=a)
+            pruned = prune_channels(base_model, plan_from_scores(l1_scores(base_model, a, groups), remove), analysis=a)
             assert describe_counts(filter_counts(pruned)) == fcp_row["filters"]
             epochs = cfg["finetune_epochs"] + (round(fcp_row["extra_train_batches"] / len(dls.train)) if method == "l1_fcp_long" else 0)
             acc_pruned = test_acc_of(pruned)

@@ -22,7 +22,8 @@ from corrprune_edu.criteria import l1_scores, plan_from_scores, select_groups
 from corrprune_edu.flops import count_params
 from corrprune_edu.models import resnet_cifar
 from corrprune_edu.results import record_run
-from corrprune_edu.surgery import analyze_channels, prune_channels
+from corrprune_edu.channels import analyze_channels
+from corrprune_edu.surgery import prune_channels
 
 MODELS = {
     "resnet50 (torchvision)": (lambda: torchvision.models.resnet50(), (1, 3, 224, 224)),

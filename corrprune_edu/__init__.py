@@ -2,8 +2,9 @@
 
 Modules:
 
+- `corrprune_edu.channels`: Which channels are coupled to which layers: run the model once, follow every channel through every operation, and group the channels that can only be pruned together
+- `corrprune_edu.checkpoint`: Prune a fastai `Learner`'s model in the middle of `fit` without losing the optimiser's hyper-parameters or state, and save and load pruned models
 - `corrprune_edu.checks`: Feedback that teaches: every check names the task, the input it tried, what it expected and what came back, and says what is probably wrong
-- `corrprune_edu.controller`: Give an error tolerance, get the smallest model within it: adaptive filter pruning (AFP) shrinks the network while a pruning-rate controller (PRC) protects its accuracy, inside `learn.fit`
 - `corrprune_edu.cop`: Customised pruning: remove the channels the next layer reads alike, weighted by what their layers cost in parameters or FLOPs, globally and one filter at a time (Wang et al., IJCAI 2019)
 - `corrprune_edu.core`: Seeding, threads, the cache folder and the helpers every other module leans on
 - `corrprune_edu.correlation`: How alike two filters are: Pearson and cosine similarity of their weights, how the next layer reads them (COP), and how their activations move together
@@ -15,8 +16,9 @@ Modules:
 - `corrprune_edu.flops`: MACs, parameters and measured latency, per layer and in total
 - `corrprune_edu.models`: The networks the pruning papers use: Caffe LeNet-5, VGG-16 for CIFAR and the CIFAR ResNets, randomly initialised
 - `corrprune_edu.pairs`: The most redundant filter pairs: greedy disjoint matching on |correlation|, per layer or across layers, and which filter of a pair goes
+- `corrprune_edu.play_and_prune`: Give an error tolerance, get the smallest model within it: adaptive filter pruning (AFP) shrinks the network while a pruning-rate controller (PRC) protects its accuracy, inside `learn.fit`
 - `corrprune_edu.results`: One file format for every benchmark, so tables and plots come from the same files
-- `corrprune_edu.surgery`: Remove channels from a real network, exactly: find everything coupled to each channel, cut it out of every tensor, and keep training
+- `corrprune_edu.surgery`: Remove channels from a real network, exactly: check a plan, cut the planned channels out of every tensor they index (or mask them), and fold a channel into its twin
 - `corrprune_edu.train`: A fastai `Learner` factory with good defaults, accuracy on any split, and a cache of trained baselines
 - `corrprune_edu.viz`: Figures the tutorials share: where the cost of a network sits, and what its filters look like"""
 

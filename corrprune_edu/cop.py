@@ -16,11 +16,14 @@ import pandas as pd
 import torch
 from torch import nn
 from fastai.callback.core import Callback
+from fastcore.basics import patch
+from fastcore.meta import delegates
 
 from .correlation import cop_matrix
 from .criteria import select_groups
-from .flops import layer_costs
-from .surgery import ChannelAnalysis, analyze_channels, learner_example, prune_learner
+from .flops import CostModel
+from .channels import ChannelAnalysis, analyze_channels
+from .checkpoint import learner_example, prune_learner
 
 # %% auto #0
 __all__ = ['NORMALIZERS', 'TABLE4_SETTINGS', 'normalize_correlation', 'redundancy', 'COP', 'plan_from_selection', 'cop_scores',
@@ -66,59 +69,6 @@ def redundancy(corr, # (C, C) normalised correlation matrix
     return _topk_columns(r, np.arange(len(r)), min(_int("top_k", top_k, 1), len(r) - 1))[0]
 
 # %% ../nbs/api/12_cop.ipynb #64e61805
-class _Costs:
-    "Parameters and MACs of a model as functions of its channel counts, read from its channel analysis"
-    def __init__(self, model: nn.Module, analysis: ChannelAnalysis, groups: list):
-        per_layer = layer_costs(model, analysis.example_shape[1:]).groupby("layer", sort=False)[["macs", "params"]].sum()
-        dims = {}                                    # (module, parameter) -> {dim: atoms}, parameters only
-        for t in analysis.touches:
-            if isinstance(getattr(model.get_submodule(t.module), t.tensor), nn.Parameter):
-                dims.setdefault((t.module, t.tensor), {})[t.dim] = t.atoms
-        dim_atoms = [a for d in dims.values() for a in d.values()]
-        self.size0 = np.array([len(a) for a in dim_atoms] + [1], dtype=np.float64)   # the last entry: a constant 1
-        self.keys, idx, const, j = list(dims), [], [], 0
-        for key in self.keys:
-            shape, tracked = getattr(model.get_submodule(key[0]), key[1]).shape, sorted(dims[key])
-            if len(tracked) > 2: raise ValueError(f"{key[0]}.{key[1]}: more than two channel dimensions are not supported")
-            idx.append(list(range(j, j + len(tracked))) + [-1] * (2 - len(tracked))); j += len(tracked)
-            const.append(math.prod(s for d, s in enumerate(shape) if d not in tracked))
-        self.idx, self.const = np.array(idx, dtype=np.int64).reshape(-1, 2), np.array(const, dtype=np.float64)
-        tracked = set(self.keys)
-        self.fixed_params = sum(p.numel() for mn, m in model.named_modules()
-                                for pn, p in m.named_parameters(recurse=False) if (mn, pn) not in tracked)
-        self.layers = [l for l in per_layer.index if (l, "weight") in tracked]
-        self.fixed_macs = int(per_layer.macs.drop(self.layers).sum())
-        pos = {k: i for i, k in enumerate(self.keys)}
-        self.w = np.array([pos[(l, "weight")] for l in self.layers], dtype=np.int64)
-        self.b = np.array([pos.get((l, "bias"), -1) for l in self.layers], dtype=np.int64)
-        self.positions = np.array([per_layer.macs[l] / model.get_submodule(l).weight.numel() for l in self.layers])
-        # D[g][c]: how many entries of each tracked dimension channel c of group g owns
-        owner, chan = np.full(len(analysis.root), -1), np.full(len(analysis.root), -1)
-        for gi, g in enumerate(groups):
-            roots = analysis.root[analysis.outputs[g.producers[0]]]
-            owner[roots], chan[roots] = gi, np.arange(g.n_channels)
-        self.D = [np.zeros((g.n_channels, len(self.size0))) for g in groups]
-        for j, a in enumerate(dim_atoms):
-            r = analysis.root[a]
-            for gi in np.unique(owner[r][owner[r] >= 0]): np.add.at(self.D[gi][:, j], chan[r][owner[r] == gi], 1)
-        self.member = np.array([[bool(np.isin(self.idx[w], np.flatnonzero(D.sum(0))).any()) for w in self.w] for D in self.D])
-
-    def evaluate(self, size: np.ndarray):
-        "(elements of every tracked parameter, params of every weight layer, MACs of every weight layer)"
-        numel = size[self.idx[:, 0]] * size[self.idx[:, 1]] * self.const
-        params = numel[self.w] + np.where(self.b >= 0, numel[self.b], 0.0)
-        return numel, params, self.positions * numel[self.w]
-
-    def totals(self, size: np.ndarray) -> tuple[int, int]:
-        "The model's (parameters, MACs)"
-        numel, _, macs = self.evaluate(size)
-        return int(round(self.fixed_params + numel.sum())), int(round(self.fixed_macs + macs.sum()))
-
-    def group_costs(self, size: np.ndarray):
-        "Per group: parameters and FLOPs (2 x MACs) of the weight layers it touches"
-        _, params, macs = self.evaluate(size)
-        return self.member @ params, 2 * (self.member @ macs)
-
 def _cost_terms(P: np.ndarray, F: np.ndarray):
     "COP's p-hat and f-hat: log2 of each group's params / FLOPs over the largest among the groups"
     lp, lf = np.log2(np.maximum(P, 1)), np.log2(np.maximum(F, 1))
@@ -132,7 +82,7 @@ class COP:
                  top_k: int = 3, # redundancy = mean of a channel's `top_k` largest normalised correlations
                  normalize: str = "max", # cross-layer normalisation: 'max', 'l1' or 'l2'
                  layer_types=(nn.Conv2d,), # producers to score; add `nn.Linear` to prune hidden linear layers too
-                 which="all", # which groups (see `select_groups`): 'all', 'untied', names or a predicate
+                 groups="all", # what to prune (see `select_groups`): 'all', 'untied', group names or a predicate
                  analysis: ChannelAnalysis | None = None, # reuse an analysis of `model` (skips tracing)
                 ):
         if normalize not in NORMALIZERS: raise ValueError(f"normalize must be one of {NORMALIZERS}, got {normalize!r}")
@@ -141,15 +91,15 @@ class COP:
             if example_input is None: raise ValueError("pass example_input (a batch, or one input's shape such as (3, 32, 32)) or analysis")
             analysis = analyze_channels(model, example_input)
         self.analysis = analysis
-        self.groups = select_groups(analysis, which, layer_types, model)
+        self.groups = select_groups(analysis, groups, layer_types, model)
         if not self.groups:
             raise ValueError(f"no prunable channel group has a producer of type {[t.__name__ for t in layer_types]}; "
                              "pass layer_types=(nn.Conv2d, nn.Linear) to score hidden linear layers")
         self.names = [g.name for g in self.groups]
         with torch.no_grad():
             self.corr = [normalize_correlation(cop_matrix(model, analysis, g, torch.float64), normalize) for g in self.groups]
-        self._costs = _Costs(model, analysis, self.groups)
-        self.params, self.macs = self._costs.totals(self._costs.size0)
+        self.costs = CostModel(model, analysis, self.groups)
+        self.params, self.macs = self.costs.totals()
         self.filters = sum(g.n_channels * len(g.producers) for g in self.groups)
 
     def __repr__(self):
@@ -158,7 +108,7 @@ class COP:
 
     def cost_terms(self) -> pd.DataFrame:
         "Per scored group: params P and FLOPs F of the layers it touches, and COP's p = log2 P / max, f = log2 F / max"
-        P, F = self._costs.group_costs(self._costs.size0)
+        P, F = self.costs.group_costs()
         p, f = _cost_terms(P, F)
         return pd.DataFrame(dict(layer=self.names, channels=[g.n_channels for g in self.groups],
                                  params=P.astype(np.int64), flops=F.astype(np.int64), p=p, f=f))
@@ -170,7 +120,8 @@ def _check_coefficients(alpha, beta, gamma):
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
     if alpha == beta == gamma == 0: raise ValueError("alpha, beta and gamma are all 0: at least one must be positive")
 
-def _scores(self: COP, alpha: float = 1.0, # weight of redundancy
+@patch
+def scores(self: COP, alpha: float = 1.0, # weight of redundancy
             beta: float = 0.0, # weight of computation (FLOPs)
             gamma: float = 0.0, # weight of parameters
            ) -> pd.DataFrame:
@@ -182,48 +133,50 @@ def _scores(self: COP, alpha: float = 1.0, # weight of redundancy
         frames.append(pd.DataFrame(dict(layer=row.layer, index=np.arange(len(s)), s=s, f=row.f, p=row.p,
                                         importance=alpha * (1 - s) + beta * (1 - row.f) + gamma * (1 - row.p))))
     return pd.concat(frames, ignore_index=True)
-COP.scores = _scores
+
 
 # %% ../nbs/api/12_cop.ipynb #bc3ac339
-_TARGETS = ("rate", "macs_reduction", "params_reduction", "n_filters")
+_TARGETS = ("amount", "macs_reduction", "params_reduction")
 
 def _target(**given):
     "The one stopping rule given, checked: (name, value)"
     given = {k: v for k, v in given.items() if v is not None}
     if len(given) != 1: raise ValueError(f"give exactly one of {', '.join(_TARGETS)} (got {sorted(given) or 'none'})")
     (what, value), = given.items()
-    if what == "n_filters": return what, _int("n_filters", value, 0)
+    if what == "amount" and isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return what, _int("amount", value, 0)                        # an int amount: a number of filters
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not 0 <= value < 1:
-        raise ValueError(f"{what} must be a fraction in [0, 1), got {value!r}")
+        kind = "a fraction in [0, 1) or an int number of filters" if what == "amount" else "a fraction in [0, 1)"
+        raise ValueError(f"{what} must be {kind}, got {value!r}")
     return what, float(value)
 
-def _select(self: COP, rate: float | None = None, # fraction of the scored layers' filters to remove (COP's `prune_rate`)
+@patch
+def select(self: COP, amount: float | int | None = None, # fraction of the scored layers' filters to remove (COP's `prune_rate`), or an int number of filters
             alpha: float = 1.0, # weight of redundancy
             beta: float = 0.0, # weight of computation: larger cuts FLOPs-heavy layers first
             gamma: float = 0.0, # weight of parameters: larger cuts parameter-heavy layers first
-            macs_reduction: float | None = None, # instead of `rate`: cut until this fraction of the MACs is gone
-            params_reduction: float | None = None, # instead of `rate`: cut until this fraction of the parameters is gone
-            n_filters: int | None = None, # instead of `rate`: remove this many filters
+            macs_reduction: float | None = None, # instead of `amount`: cut until this fraction of the MACs is gone
+            params_reduction: float | None = None, # instead of `amount`: cut until this fraction of the parameters is gone
             min_channels: int = 1, # never cut a group below this many channels
            ) -> pd.DataFrame:
     "COP's global greedy selection: one row per cut, in order, with the model's MACs and parameters after it"
     _check_coefficients(alpha, beta, gamma)
     min_channels = _int("min_channels", min_channels, 1)
-    what, value = _target(rate=rate, macs_reduction=macs_reduction, params_reduction=params_reduction, n_filters=n_filters)
-    budget = value if what == "n_filters" else math.floor(value * self.filters) if what == "rate" else None
+    what, value = _target(amount=amount, macs_reduction=macs_reduction, params_reduction=params_reduction)
+    budget = (value if isinstance(value, int) else math.floor(value * self.filters)) if what == "amount" else None
     R = [r.copy() for r in self.corr]
     K = [min(self.top_k, len(r) - 1) for r in R]
     s, kth = map(list, zip(*[_topk_columns(r, np.arange(len(r)), k) for r, k in zip(R, K)]))
     alive = [np.ones(len(r), bool) for r in R]
     n_alive, width = np.array([len(r) for r in R]), [len(g.producers) for g in self.groups]
-    size = self._costs.size0.copy()
+    size = self.costs.base_size.copy()
     params, macs, removed, rows = self.params, self.macs, 0, []
     def reached():
         if what == "macs_reduction": return 1 - macs / self.macs >= value
         if what == "params_reduction": return 1 - params / self.params >= value
         return removed >= budget
     while not reached():
-        p_hat, f_hat = _cost_terms(*self._costs.group_costs(size))
+        p_hat, f_hat = _cost_terms(*self.costs.group_costs(size))
         best = None
         for gi in np.flatnonzero(n_alive > min_channels):
             imp = np.where(alive[gi], alpha * (1 - s[gi]), np.inf)
@@ -240,8 +193,8 @@ def _select(self: COP, rate: float | None = None, # fraction of the scored layer
         R[gi][c, :] = 0; R[gi][:, c] = 0; alive[gi][c] = False; n_alive[gi] -= 1
         hit = hit[hit != c]
         if len(hit): s[gi][hit], kth[gi][hit] = _topk_columns(R[gi], hit, K[gi])
-        size -= self._costs.D[gi][c]
-        params, macs = self._costs.totals(size)
+        size -= self.costs.owned[gi][c]
+        params, macs = self.costs.totals(size)
         removed += width[gi]
         rows[-1].update(filters_removed=removed, macs=macs, params=params)
     df = pd.DataFrame(rows, columns=["layer", "index", "importance", "s", "f", "p", "filters_removed", "macs", "params"])
@@ -250,7 +203,7 @@ def _select(self: COP, rate: float | None = None, # fraction of the scored layer
     df.index.name = "step"
     df.attrs.update(base_macs=self.macs, base_params=self.params, filters=self.filters)
     return df
-COP.select = _select
+
 
 # %% ../nbs/api/12_cop.ipynb #4a8abd0d
 def plan_from_selection(selection: pd.DataFrame, # as returned by `COP.select`
@@ -262,73 +215,79 @@ def plan_from_selection(selection: pd.DataFrame, # as returned by `COP.select`
     return {k: sorted(v) for k, v in plan.items()}
 
 # %% ../nbs/api/12_cop.ipynb #d59b6d63
-def _plan(self: COP, rate: float | None = None, # fraction of the scored layers' filters to remove
+@patch
+@delegates(COP.select)
+def plan(self: COP, amount: float | int | None = None, # fraction of the scored layers' filters to remove, or an int number of filters
           alpha: float = 1.0, # weight of redundancy
           beta: float = 0.0, # weight of computation (FLOPs)
           gamma: float = 0.0, # weight of parameters
-          **kwargs, # passed to `COP.select` (macs_reduction, params_reduction, n_filters, min_channels)
+          **kwargs,
          ) -> dict[str, list[int]]:
     "The surgery plan of `COP.select`: layer name -> channel indices to remove"
-    return plan_from_selection(self.select(rate, alpha, beta, gamma, **kwargs))
-COP.plan = _plan
+    return plan_from_selection(self.select(amount, alpha, beta, gamma, **kwargs))
 
-_SETUP = ("top_k", "normalize", "layer_types", "which", "analysis")
-
+@delegates(COP)
 def cop_scores(model: nn.Module, # the (trained) model
                alpha: float = 1.0, # weight of redundancy
                beta: float = 0.0, # weight of computation (FLOPs)
                gamma: float = 0.0, # weight of parameters
                example_input=None, # a batch, or one input's shape such as (3, 32, 32)
-               **kwargs, # passed to `COP` (top_k, normalize, layer_types, which, analysis)
+               **kwargs,
               ) -> pd.DataFrame:
     "COP's per-filter table: layer, index, redundancy s, cost terms f and p, importance (lowest goes first)"
     return COP(model, example_input, **kwargs).scores(alpha, beta, gamma)
 
+@delegates(COP.select)
 def cop_plan(model: nn.Module, # the (trained) model; never modified
-             rate: float | None = None, # fraction of the scored layers' filters to remove (COP's `prune_rate`)
+             amount: float | int | None = None, # fraction of the scored layers' filters to remove (COP's `prune_rate`), or an int number of filters
              alpha: float = 1.0, # weight of redundancy
              beta: float = 0.0, # weight of computation (FLOPs)
              gamma: float = 0.0, # weight of parameters
              example_input=None, # a batch, or one input's shape such as (3, 32, 32)
-             **kwargs, # to `COP` (top_k, normalize, layer_types, which, analysis) or `COP.select` (macs_reduction, ...)
+             top_k: int = 3, # redundancy = mean of a channel's `top_k` largest normalised correlations
+             layer_types=(nn.Conv2d,), # producers to score; add `nn.Linear` to prune hidden linear layers too
+             groups="all", # what to prune (see `select_groups`)
+             analysis: ChannelAnalysis | None = None, # reuse an analysis of `model` (skips tracing)
+             normalize: str = "max", # cross-layer normalisation: 'max', 'l1' or 'l2'
+             **kwargs,
             ) -> dict[str, list[int]]:
     "COP's surgery plan: layer name -> channel indices to remove"
-    setup = {k: kwargs.pop(k) for k in _SETUP if k in kwargs}
-    return COP(model, example_input, **setup).plan(rate, alpha, beta, gamma, **kwargs)
+    cop = COP(model, example_input, top_k=top_k, normalize=normalize, layer_types=layer_types, groups=groups, analysis=analysis)
+    return cop.plan(amount, alpha, beta, gamma, **kwargs)
 
 # %% ../nbs/api/12_cop.ipynb #000a1f13
 TABLE4_SETTINGS = ((0, 0), (3, 0), (0, 3), (1, 1))  # (beta, gamma) pairs of [COP] Table 4
 
 def customisation_table(cop: COP, # a COP of the model
-                        rate: float, # the fixed rate
+                        amount: float, # the fixed amount (fraction of the scored filters)
                         settings=TABLE4_SETTINGS, # (beta, gamma) pairs
                         alpha: float = 1.0, # weight of redundancy
                        ) -> pd.DataFrame:
     "Parameter and FLOPs reductions (%) at a fixed rate for each (beta, gamma), as in [COP] Table 4"
     rows = []
     for beta, gamma in settings:
-        sel = cop.select(rate, alpha, beta, gamma)
+        sel = cop.select(amount, alpha, beta, gamma)
         rows.append(dict(beta=beta, gamma=gamma, Prr=100 * sel.params_reduction.iloc[-1], Frr=100 * sel.macs_reduction.iloc[-1]))
     return pd.DataFrame(rows)
 
 # %% ../nbs/api/12_cop.ipynb #f71fe2d8
+@delegates(COP, but=["example_input", "analysis"])
 class COPCallback(Callback):
     "Prune `learn.model` with COP once, at a chosen point of `fit`, and let the rest of `fit` fine-tune it"
     order, run_valid = 60, False
-    def __init__(self, rate: float | None = None, # fraction of the scored layers' filters to remove
+    def __init__(self, amount: float | int | None = None, # fraction of the scored layers' filters to remove, or an int number of filters
                  alpha: float = 1.0, # weight of redundancy
                  beta: float = 0.0, # weight of computation (FLOPs)
                  gamma: float = 0.0, # weight of parameters
                  at: float = 0.0, # prune at the first batch where training progress (0..1) reaches this
-                 macs_reduction: float | None = None, # instead of `rate`: remove this fraction of the MACs
-                 params_reduction: float | None = None, # instead of `rate`: remove this fraction of the parameters
-                 n_filters: int | None = None, # instead of `rate`: remove this many filters
+                 macs_reduction: float | None = None, # instead of `amount`: remove this fraction of the MACs
+                 params_reduction: float | None = None, # instead of `amount`: remove this fraction of the parameters
                  min_channels: int = 1, # never cut a group below this many channels
                  verbose: bool = False, # print one line when pruning
-                 **kwargs, # passed to `COP` (top_k, normalize, layer_types, which)
+                 **kwargs,
                 ):
         _check_coefficients(alpha, beta, gamma)
-        self.target = dict(zip(_TARGETS, [rate, macs_reduction, params_reduction, n_filters]))
+        self.target = dict(zip(_TARGETS, [amount, macs_reduction, params_reduction]))
         _target(**self.target); _int("min_channels", min_channels, 1)
         if isinstance(at, bool) or not isinstance(at, (int, float)) or not 0 <= at < 1:
             raise ValueError(f"at must be a training fraction in [0, 1), got {at!r}")

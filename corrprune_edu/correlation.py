@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .flops import eval_mode
-from .surgery import ChannelAnalysis, ChannelGroup, analyze_channels
+from .channels import ChannelAnalysis, ChannelGroup, analyze_channels
 
 # %% auto #0
 __all__ = ['MEASURES', 'pearson_matrix', 'cosine_matrix', 'group_filters', 'consumer_weights', 'cop_matrix', 'RunningCorrelation',

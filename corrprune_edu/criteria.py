@@ -13,28 +13,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from .surgery import ChannelAnalysis, ChannelGroup, analyze_channels
+from .channels import ChannelAnalysis, ChannelGroup, analyze_channels
 
 # %% auto #0
 __all__ = ['select_groups', 'l1_scores', 'random_scores', 'plan_from_scores', 'l1_plan', 'random_plan']
 
 # %% ../nbs/api/07_criteria.ipynb #fb4aa1e4
 def select_groups(analysis: ChannelAnalysis, # from `analyze_channels`
-                  which="all", # 'all', 'untied' (skip residual streams), a list of group names, or a predicate
+                  groups="all", # what to prune: 'all', 'untied' (skip residual streams), a list of group names, or a predicate
                   layer_types=(nn.Conv2d,), # keep groups whose first producer is one of these (add `nn.Linear` for hidden units)
                   model: nn.Module | None = None, # needed to check `layer_types`
                  ) -> list[ChannelGroup]:
     "The prunable channel groups a criterion should score"
-    groups = [g for g in analysis.groups if g.prunable]
+    found = [g for g in analysis.groups if g.prunable]
     if model is not None and layer_types:
-        groups = [g for g in groups if isinstance(model.get_submodule(g.producers[0]), layer_types)]
-    if which == "all": return groups
-    if which == "untied": return [g for g in groups if not g.tied]
-    if callable(which): return [g for g in groups if which(g)]
-    names = set(which)
+        found = [g for g in found if isinstance(model.get_submodule(g.producers[0]), layer_types)]
+    if isinstance(groups, str) and groups == "all": return found
+    if isinstance(groups, str) and groups == "untied": return [g for g in found if not g.tied]
+    if callable(groups): return [g for g in found if groups(g)]
+    names = set(groups)
     unknown = names - {g.name for g in analysis.groups}
-    if unknown: raise ValueError(f"select_groups: no channel group named {sorted(unknown)}; groups are named by their first producer, e.g. {[g.name for g in groups[:3]]}")
-    return [g for g in groups if g.name in names]
+    if unknown: raise ValueError(f"select_groups: no channel group named {sorted(unknown)}; groups are named by their first producer, e.g. {[g.name for g in found[:3]]}")
+    return [g for g in found if g.name in names]
 
 # %% ../nbs/api/07_criteria.ipynb #b13cee24
 def l1_scores(model: nn.Module, # the (trained) model
@@ -59,39 +59,46 @@ def random_scores(groups: list[ChannelGroup], # the groups to score
     return {grp.name: torch.rand(grp.n_channels, generator=g, dtype=torch.float64) for grp in groups}
 
 # %% ../nbs/api/07_criteria.ipynb #fddfb85c
+def _count(name: str, amount, n: int) -> int:
+    "How many of a group's `n` channels `amount` (a fraction in [0, 1) or an int count) removes"
+    if isinstance(amount, (int, np.integer)) and not isinstance(amount, bool):
+        if amount < 0: raise ValueError(f"amount for '{name}' must be a count >= 0 or a fraction in [0, 1), got {amount}")
+        return int(amount)
+    if isinstance(amount, bool) or not isinstance(amount, (float, np.floating)) or not 0 <= amount < 1:
+        raise ValueError(f"amount for '{name}' must be a fraction in [0, 1) or an int count of channels, got {amount!r}")
+    return int(round(amount * n))
+
 def plan_from_scores(scores: dict[str, torch.Tensor], # group name -> one score per channel
-                     amount: float | dict = 0.5, # fraction of each group's channels to remove (or group name -> fraction)
+                     amount: float | int | dict = 0.5, # per group: a fraction in [0, 1) of its channels, an int count, or a dict of either (missing groups: 0)
                      min_channels: int = 1, # never keep fewer channels than this in a group
                     ) -> dict[str, list[int]]:
     "Remove the lowest-scoring `amount` of each group's channels"
     plan = {}
     for name, s in scores.items():
-        frac = amount[name] if isinstance(amount, dict) else amount
-        if not 0 <= frac < 1: raise ValueError(f"amount for '{name}' must be a fraction in [0, 1), got {frac}")
-        n_remove = min(int(round(frac * len(s))), len(s) - min_channels)
+        n_remove = min(_count(name, amount.get(name, 0) if isinstance(amount, dict) else amount, len(s)), len(s) - min_channels)
         if n_remove > 0: plan[name] = sorted(torch.argsort(s, stable=True)[:n_remove].tolist())
     return plan
 
 # %% ../nbs/api/07_criteria.ipynb #8518e470
 def l1_plan(model: nn.Module, # the (trained) model
             example_input, # a batch, or one input's shape
-            amount: float | dict = 0.5, # fraction of each selected group to remove
-            which="all", # which groups (see `select_groups`)
+            amount: float | int | dict = 0.5, # how much of each selected group to remove (see `plan_from_scores`)
+            groups="all", # what to prune (see `select_groups`)
             layer_types=(nn.Conv2d,), # which producers count (add `nn.Linear` for hidden units)
             min_channels: int = 1, # never keep fewer channels than this in a group
            ) -> dict[str, list[int]]:
     "Plan that removes the smallest-L1 channels of every selected group"
     a = analyze_channels(model, example_input)
-    return plan_from_scores(l1_scores(model, a, select_groups(a, which, layer_types, model)), amount, min_channels)
+    return plan_from_scores(l1_scores(model, a, select_groups(a, groups, layer_types, model)), amount, min_channels)
 
 def random_plan(model: nn.Module, # the model
                 example_input, # a batch, or one input's shape
-                amount: float | dict = 0.5, # fraction of each selected group to remove
-                which="all", # which groups (see `select_groups`)
+                amount: float | int | dict = 0.5, # how much of each selected group to remove (see `plan_from_scores`)
+                groups="all", # what to prune (see `select_groups`)
                 layer_types=(nn.Conv2d,), # which producers count
                 seed: int = 0, # seed of the draw
                 min_channels: int = 1, # never keep fewer channels than this in a group
                ) -> dict[str, list[int]]:
     "Plan that removes a random `amount` of the channels of every selected group"
     a = analyze_channels(model, example_input)
-    return plan_from_scores(random_scores(select_groups(a, which, layer_types, model), seed), amount, min_channels)
+    return plan_from_scores(random_scores(select_groups(a, groups, layer_types, model), seed), amount, min_channels)

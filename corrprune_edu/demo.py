@@ -14,7 +14,7 @@ from .core import set_seed, set_threads
 from .criteria import l1_plan
 from .fcp import fcp
 from .flops import format_costs, layer_costs
-from .surgery import prune_learner
+from .checkpoint import prune_learner
 from .train import cached_baseline, compare_models, evaluate, fit, format_comparison
 
 # %% auto #0
@@ -26,7 +26,7 @@ L1_AMOUNT = {"conv1": 0.5, "conv2": 0.7}   # filters 20-50 -> 10-15: 78% fewer M
 
 def _prune(learn, method: str, finetune_epochs: int):
     if method == "fcp":
-        fcp(learn, target_macs_reduction=DEMO_TARGET, n_pairs=0.4, correlate_iters=20, finetune_iters=20)
+        fcp(learn, macs_reduction=DEMO_TARGET, n_pairs=0.4, correlate_iters=20, finetune_iters=20)
     elif method == "l1": prune_learner(learn, l1_plan(learn.model, (1, 28, 28), L1_AMOUNT))
     else: raise ValueError(f"method must be 'fcp' or 'l1', got {method!r}")
     fit(learn, finetune_epochs, lr=1e-3)

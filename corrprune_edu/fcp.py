@@ -15,12 +15,15 @@ import pandas as pd
 import torch
 from torch import nn
 from fastai.callback.core import Callback, CancelFitException
+from fastcore.meta import delegates
 
 from .core import describe_counts, filter_counts
 from .correlation import group_filters
-from .flops import count_macs, count_params, eval_mode
+from .flops import CostModel, count_macs, count_params, eval_mode
 from .pairs import FilterPair, default_pairs_per_layer, plan_from_pairs, select_pairs
-from .surgery import ChannelAnalysis, analyze_channels, merge_channels, prune_channels, prune_learner
+from .channels import ChannelAnalysis, analyze_channels
+from .surgery import merge_channels
+from .checkpoint import prune_learner
 from .train import accuracy_on, quiet
 
 # %% auto #0
@@ -98,8 +101,8 @@ class FCPCallback(Callback):
     "Filter-correlation pruning in rounds (episode, correlate, drop, fine-tune) inside `learn.fit`"
     order, run_valid = 50, False
     def __init__(self,
-                 target_macs_reduction: float | None = None, # stop once this fraction of the MACs is gone
-                 max_acc_drop: float | None = None, # stop (keeping the last good round) past this validation accuracy drop
+                 macs_reduction: float | None = None, # stop once this fraction of the MACs is gone
+                 tolerance: float | None = None, # accuracy you can lose (fraction, 0.01 = one point): stop, keeping the last good round, past it
                  n_pairs=default_pairs_per_layer, # pairs per layer and round: int, fraction, dict, or f(C)
                  n_total: int | None = None, # rank pairs across layers and take this many per round instead
                  measure: str = "abs_pearson", # correlation measure that ranks pairs
@@ -111,19 +114,19 @@ class FCPCallback(Callback):
                  finetune_iters: int | None = None, # training batches after the drop (default: one epoch)
                  drop_rule: str = "l1", # which filter of a pair goes (see `DROP_RULES`)
                  fold: bool = True, # fold each dropped filter into its partner (fitted on the current batch) before surgery
-                 min_filters: int = 2, # never take a layer below this many filters
-                 groups=None, # channel group names to prune (default: every prunable conv group)
+                 min_channels: int = 2, # never take a layer below this many filters
+                 groups=None, # what to prune: group names, 'all', 'untied' or a predicate (see `select_pairs`; default: every prunable conv group)
                  max_rounds: int = 50, # hard limit on rounds
                  episodes: list | None = None, # replay these episodes (lists of `FilterPair`) instead of selecting
                  keep_correlated: bool = False, # keep a copy of the model right before each drop (for plots)
                  verbose: bool = False, # print a line per round
                 ):
-        if target_macs_reduction is None and max_acc_drop is None and episodes is None:
-            raise ValueError("FCPCallback needs a stop rule: target_macs_reduction, max_acc_drop, or episodes to replay")
-        if target_macs_reduction is not None and not 0 < target_macs_reduction < 1:
-            raise ValueError(f"target_macs_reduction is a fraction in (0, 1), got {target_macs_reduction}")
-        if max_acc_drop is not None and not 0 <= max_acc_drop < 1:
-            raise ValueError(f"max_acc_drop is a fraction of accuracy in [0, 1) (0.01 = one point), got {max_acc_drop}")
+        if macs_reduction is None and tolerance is None and episodes is None:
+            raise ValueError("FCPCallback needs a stop rule: macs_reduction, tolerance, or episodes to replay")
+        if macs_reduction is not None and not 0 < macs_reduction < 1:
+            raise ValueError(f"macs_reduction is a fraction in (0, 1), got {macs_reduction}")
+        if tolerance is not None and not 0 <= tolerance < 1:
+            raise ValueError(f"tolerance is a fraction of accuracy in [0, 1) (0.01 = one point), got {tolerance}")
         if form not in FORMS: raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         self.__dict__.update({k: v for k, v in locals().items() if k != "self"})
         self.log, self.recorded, self.correlated = [], [], []
@@ -145,28 +148,31 @@ class FCPCallback(Callback):
         self.start_round()
 
     @property
-    def macs_reduction(self) -> float: return 1 - count_macs(self.model, self.shape) / self.base_macs
+    def macs_removed(self) -> float:
+        "Fraction of the baseline MACs removed so far"
+        return 1 - count_macs(self.model, self.shape) / self.base_macs
 
     def start_round(self):
         "Choose the next episode; stop when there is nothing left to do"
         if self.round >= self.max_rounds or (self.episodes is not None and self.round >= len(self.episodes)): self.stop()
-        if self.target_macs_reduction is not None and self.macs_reduction >= self.target_macs_reduction: self.stop()
+        if self.macs_reduction is not None and self.macs_removed >= self.macs_reduction: self.stop()
         self.analysis = analyze_channels(self.model, self.example)
         if self.episodes is not None: pairs = list(self.episodes[self.round])
         else:
             pairs = select_pairs(self.model, self.analysis, self.groups, self.n_pairs, self.n_total, self.measure,
-                                 self.min_filters, self.drop_rule)
+                                 self.min_channels, self.drop_rule)
             pairs = self.trim_to_target(pairs)
         if not pairs: self.stop()
         self.pairs, self.phase, self.iters = pairs, "correlate", 0
         with torch.no_grad(): self.rho_before = pair_correlations(self.model, self.analysis, pairs, self.centred).abs().mean().item()
 
     def trim_to_target(self, pairs):
-        "Keep the most correlated pairs needed to reach the MACs target (binary search over exact MACs)"
-        if self.target_macs_reduction is None or not pairs: return pairs
+        "Keep the most correlated pairs needed to reach the MACs target (binary search over the cost model's exact MACs)"
+        if self.macs_reduction is None or not pairs: return pairs
         pairs = sorted(pairs, key=lambda p: -abs(p.rho))
-        goal = (1 - self.target_macs_reduction) * self.base_macs
-        macs = lambda k: count_macs(prune_channels(self.model, plan_from_pairs(pairs[:k]), analysis=self.analysis), self.shape)
+        goal = (1 - self.macs_reduction) * self.base_macs
+        costs = CostModel(self.model, self.analysis, [self.analysis.group(g) for g in dict.fromkeys(p.group for p in pairs)])
+        macs = lambda k: costs.costs_after(plan_from_pairs(pairs[:k]))[1]
         if macs(len(pairs)) > goal: return pairs
         lo, hi = 1, len(pairs)
         while lo < hi:
@@ -199,7 +205,7 @@ class FCPCallback(Callback):
 
     def end_round(self):
         acc = accuracy_on(self.model, self.dls.valid)
-        ok = self.max_acc_drop is None or acc >= self.base_acc - self.max_acc_drop
+        ok = self.tolerance is None or acc >= self.base_acc - self.tolerance
         macs, params = count_macs(self.model, self.shape), count_params(self.model)
         self.log.append(dict(round=self.round + 1, pairs=len(self.pairs), filters=describe_counts(filter_counts(self.model)),
                              rho_before=self.rho_before, rho_after=self.rho_after, acc_before_drop=self.acc_before_drop,
@@ -221,15 +227,16 @@ class FCPCallback(Callback):
         if getattr(self, "phase", None) == "correlate" and self.log: self.phase = "done"
 
 # %% ../nbs/api/11_fcp.ipynb #d5eb99a0
+@delegates(FCPCallback)
 def fcp(learn, # a fastai Learner holding a trained model
-        target_macs_reduction: float | None = None, # stop once this fraction of the MACs is gone
-        max_acc_drop: float | None = None, # or stop past this validation accuracy drop (fraction)
+        macs_reduction: float | None = None, # stop once this fraction of the MACs is gone
+        tolerance: float | None = None, # or stop past this validation accuracy drop (fraction, 0.01 = one point)
         lr: float = 1e-3, # constant learning rate during FCP
         verbose: bool = False, # print a line per round
-        **kwargs, # passed to `FCPCallback`
+        **kwargs,
        ) -> pd.DataFrame:
     "Prune `learn.model` with FCP and return the per-round log (the learner keeps the pruned model)"
-    cb = FCPCallback(target_macs_reduction, max_acc_drop, verbose=verbose, **kwargs)
+    cb = FCPCallback(macs_reduction, tolerance, verbose=verbose, **kwargs)
     n_batches = len(learn.dls.train)
     per_round = (cb.correlate_iters or n_batches) + (cb.finetune_iters or n_batches)
     rounds = cb.max_rounds if cb.episodes is None else len(cb.episodes)

@@ -1,6 +1,7 @@
 """MACs, parameters and measured latency, per layer and in total
 
-Per-layer MACs and parameter counts, totals cross-checked against PyTorch's own counter, and measured latency.
+Per-layer MACs and parameter counts, totals cross-checked against PyTorch's own counter, costs as functions of
+channel counts (`CostModel`), and measured latency.
 
 Docs: https://corrprune-edu.github.io/corrprune_edu/api/flops.html.md"""
 
@@ -8,7 +9,7 @@ Docs: https://corrprune-edu.github.io/corrprune_edu/api/flops.html.md"""
 
 # %% ../nbs/api/03_flops.ipynb #01638345
 from __future__ import annotations
-import time
+import math, time
 from contextlib import contextmanager
 
 import numpy as np
@@ -19,7 +20,7 @@ from torch import nn
 from .core import WEIGHT_LAYERS
 
 # %% auto #0
-__all__ = ['eval_mode', 'layer_costs', 'count_macs', 'count_params', 'torch_flops', 'cost_summary', 'format_costs',
+__all__ = ['eval_mode', 'layer_costs', 'count_macs', 'count_params', 'torch_flops', 'cost_summary', 'format_costs', 'CostModel',
            'measure_latency', 'compare_latency']
 
 # %% ../nbs/api/03_flops.ipynb #78ae6511
@@ -115,6 +116,88 @@ def format_costs(costs: pd.DataFrame, # as returned by `layer_costs`
                                **{"macs %": 100.0, "params %": 100.0})])
     t = pd.concat([t, total], ignore_index=True)
     return t.to_string(index=False, formatters={"macs": "{:,}".format, "params": "{:,}".format})
+
+# %% ../nbs/api/03_flops.ipynb #a7bacc18
+class CostModel:
+    "Parameters and MACs of a model as functions of its channel counts, read from its channel analysis"
+    def __init__(self, model: nn.Module, # the model the analysis was made on
+                 analysis, # its `ChannelAnalysis` (from `corrprune_edu.channels.analyze_channels`)
+                 groups: list, # the `ChannelGroup`s of `analysis` whose channels may go
+                ):
+        per_layer = layer_costs(model, analysis.example_shape[1:]).groupby("layer", sort=False)[["macs", "params"]].sum()
+        self.groups, dims, sizes, entries = list(groups), {}, [], []   # dims: (module, parameter) -> {dim: column}
+        for g in self.groups:
+            mine = []
+            for s in analysis.tensor_slices(g):
+                if not isinstance(getattr(model.get_submodule(s.module), s.tensor), nn.Parameter): continue
+                cols = dims.setdefault((s.module, s.tensor), {})
+                if s.dim not in cols: cols[s.dim] = len(sizes); sizes.append(len(s.channel))
+                mine.append((cols[s.dim], s.channel))
+            entries.append(mine)
+        self.base_size = np.array(sizes + [1], dtype=np.float64)   # every tracked dimension's size; the last entry: a constant 1
+        self.owned = []                                              # owned[g][c]: entries of each dimension channel c owns
+        for g, mine in zip(self.groups, entries):
+            D = np.zeros((g.n_channels, len(self.base_size)))
+            for j, channel in mine: np.add.at(D[:, j], channel[channel >= 0], 1)
+            self.owned.append(D)
+        self.channel_of = {p: pos for g in self.groups for p, pos in analysis.producer_positions(g).items()}
+        self.group_index = {p: gi for gi, g in enumerate(self.groups) for p in g.producers}
+        self.keys, idx, const = list(dims), [], []
+        for key in self.keys:
+            shape, tracked = getattr(model.get_submodule(key[0]), key[1]).shape, sorted(dims[key])
+            if len(tracked) > 2: raise ValueError(f"{key[0]}.{key[1]}: more than two channel dimensions are not supported")
+            idx.append([dims[key][d] for d in tracked] + [-1] * (2 - len(tracked)))
+            const.append(math.prod(s for d, s in enumerate(shape) if d not in tracked))
+        self.idx, self.const = np.array(idx, dtype=np.int64).reshape(-1, 2), np.array(const, dtype=np.float64)
+        tracked = set(self.keys)
+        self.fixed_params = sum(p.numel() for mn, m in model.named_modules()
+                                for pn, p in m.named_parameters(recurse=False) if (mn, pn) not in tracked)
+        self.layers = [l for l in per_layer.index if (l, "weight") in tracked]
+        self.fixed_macs = int(per_layer.macs.drop(self.layers).sum())
+        pos = {k: i for i, k in enumerate(self.keys)}
+        self.w = np.array([pos[(l, "weight")] for l in self.layers], dtype=np.int64)
+        self.b = np.array([pos.get((l, "bias"), -1) for l in self.layers], dtype=np.int64)
+        bias = [getattr(model.get_submodule(l), "bias", None) for l in self.layers]
+        self.fixed_bias = np.array([0 if b is None or pos.get((l, "bias"), -1) >= 0 else b.numel() for l, b in zip(self.layers, bias)], dtype=np.float64)
+        self.macs_per_weight = np.array([per_layer.macs[l] / model.get_submodule(l).weight.numel() for l in self.layers])
+        self.member = np.array([[bool(np.isin(self.idx[w], np.flatnonzero(D.sum(0))).any()) for w in self.w] for D in self.owned])
+
+    def evaluate(self, size: np.ndarray | None = None, # sizes of the tracked dimensions (default: `base_size`)
+                ):
+        "(elements of every tracked parameter, params of every tracked weight layer, MACs of every tracked weight layer)"
+        size = self.base_size if size is None else size
+        numel = size[self.idx[:, 0]] * size[self.idx[:, 1]] * self.const
+        params = numel[self.w] + np.where(self.b >= 0, numel[self.b], self.fixed_bias)
+        return numel, params, self.macs_per_weight * numel[self.w]
+
+    def totals(self, size: np.ndarray | None = None, # sizes of the tracked dimensions (default: `base_size`)
+              ) -> tuple[int, int]:
+        "The model's (parameters, MACs)"
+        numel, _, macs = self.evaluate(size)
+        return int(round(self.fixed_params + numel.sum())), int(round(self.fixed_macs + macs.sum()))
+
+    def group_costs(self, size: np.ndarray | None = None, # sizes of the tracked dimensions (default: `base_size`)
+                   ):
+        "Per group: parameters and FLOPs (2 x MACs) of the weight layers whose weight its channels index"
+        _, params, macs = self.evaluate(size)
+        return self.member @ params, 2 * (self.member @ macs)
+
+    def size_after(self, plan: dict, # layer name (any producer of a group) -> output channel indices to remove
+                  ) -> np.ndarray:
+        "The tracked dimensions' sizes once `plan` is applied"
+        size = self.base_size.copy()
+        for layer, idx in plan.items():
+            if layer not in self.group_index:
+                raise ValueError(f"plan names '{layer}', which is not a producer of the groups this cost model tracks "
+                                 f"({[g.name for g in self.groups]}); build the CostModel with that group")
+            gi = self.group_index[layer]
+            size -= self.owned[gi][self.channel_of[layer][np.asarray(idx, dtype=np.int64)]].sum(0)
+        return size
+
+    def costs_after(self, plan: dict, # layer name (any producer of a group) -> output channel indices to remove
+                   ) -> tuple[int, int]:
+        "The model's (parameters, MACs) once `plan` is applied, without running surgery"
+        return self.totals(self.size_after(plan))
 
 # %% ../nbs/api/03_flops.ipynb #a244ed0a
 def measure_latency(model: nn.Module, # the model to time

@@ -16,7 +16,7 @@ from torch import nn
 
 from .correlation import filter_correlation, group_filters
 from .criteria import select_groups
-from .surgery import ChannelAnalysis, ChannelGroup
+from .channels import ChannelAnalysis, ChannelGroup
 
 # %% auto #0
 __all__ = ['DROP_RULES', 'greedy_pairs', 'FilterPair', 'choose_drop', 'default_pairs_per_layer', 'select_pairs',
@@ -86,23 +86,24 @@ def default_pairs_per_layer(c: int) -> int:
 
 def select_pairs(model: nn.Module, # the model
                  analysis: ChannelAnalysis, # from `analyze_channels(model, ...)`
-                 groups: list | None = None, # channel groups (or names) to consider; default: every prunable conv group
+                 groups=None, # what to prune: a list of groups (or names), 'all', 'untied' or a predicate (see `select_groups`); default: every prunable conv group
                  n_pairs=default_pairs_per_layer, # pairs per layer: int, fraction, dict per group, or f(C)
                  n_total: int | None = None, # rank across layers and keep this many pairs in all (`None`: per layer)
                  measure: str = "abs_pearson", # correlation measure (see `corrprune_edu.correlation.MEASURES`)
-                 min_filters: int = 2, # never take a layer below this many filters
+                 min_channels: int = 2, # never take a layer below this many filters
                  drop_rule: str = "l1", # which filter of a pair goes (see `DROP_RULES`)
                  seed: int = 0, # for the 'random' drop rule
                  **corr_kwargs, # passed to `filter_correlation` (e.g. `dl=` for 'activation')
                 ) -> list[FilterPair]:
     "The most correlated disjoint filter pairs of every layer (or across layers), with the filter each one drops"
     if drop_rule not in DROP_RULES: raise ValueError(f"drop_rule must be one of {DROP_RULES}, got {drop_rule!r}")
-    if groups is None: groups = select_groups(analysis, layer_types=(nn.Conv2d,), model=model)
+    if groups is None or isinstance(groups, str) or callable(groups):
+        groups = select_groups(analysis, "all" if groups is None else groups, layer_types=(nn.Conv2d,), model=model)
     groups = [analysis.group(g) for g in groups]
     rng = np.random.default_rng(seed)
     candidates = []
     for g in groups:
-        room = g.n_channels - min_filters
+        room = g.n_channels - min_channels
         n = room if n_total is not None else min(_n_for(n_pairs, g), room)
         if n <= 0: continue
         # 'abs_pearson' ranks by |rho| but keeps the sign in the pair; 'pearson' ranks by the signed value

@@ -152,7 +152,7 @@ def loop_greedy(net, n_steps, alpha, beta, gamma, k=3):
 @pytest.mark.parametrize("abg", [(1, 0, 0), (1, 3, 0), (1, 0, 3), (1, 1, 1)])
 def test_greedy_selection_matches_a_naive_loop(abg):
     net = tiny_net()
-    sel = COP(net, (1, 8, 8), layer_types=LIN).select(n_filters=10, alpha=abg[0], beta=abg[1], gamma=abg[2])
+    sel = COP(net, (1, 8, 8), layer_types=LIN).select(amount=10, alpha=abg[0], beta=abg[1], gamma=abg[2])
     assert list(zip(sel.layer, sel["index"])) == loop_greedy(net, 10, *abg)
     # the costs after every cut are those of the really pruned network
     for n in (1, 5, 10):
@@ -192,8 +192,8 @@ def test_row_and_column_zeroing_spreads_the_cuts_over_redundant_pairs():
     net = lenet5()
     with torch.no_grad():
         for a, b in [(0, 1), (2, 3), (4, 5)]: net.conv2.weight[:, b] = net.conv2.weight[:, a]
-    cop = COP(net, (1, 28, 28), top_k=1, which=["conv1"])
-    sel = cop.select(n_filters=3)
+    cop = COP(net, (1, 28, 28), top_k=1, groups=["conv1"])
+    sel = cop.select(amount=3)
     assert sorted(i // 2 for i in sel["index"]) == [0, 1, 2]          # one channel of each identical pair
     # the partner of the first cut was as redundant as it gets, and lost that redundancy with the zeroed row and column
     c = int(sel["index"].iloc[0]); partner = c ^ 1
@@ -207,7 +207,7 @@ def test_never_empties_a_group_and_warns_when_the_budget_cannot_be_met():
         cop = COP(model, shape)
         for mc in (1, 3):
             with pytest.warns(UserWarning, match="min_channels"):
-                sel = cop.select(rate=0.99, min_channels=mc)
+                sel = cop.select(amount=0.99, min_channels=mc)
             plan = plan_from_selection(sel)
             for g in cop.groups: assert g.n_channels - len(plan.get(g.name, [])) == mc
             prune_channels(model, plan, shape)                            # surgery accepts it
@@ -216,11 +216,11 @@ def test_never_empties_a_group_and_warns_when_the_budget_cannot_be_met():
 def test_budget_counts_filters_and_tied_channels_once_per_producer():
     cop = COP(resnet_cifar(20), (3, 32, 32))
     assert cop.filters == 16 * 4 + 32 * 4 + 64 * 4 + 3 * 16 + 3 * 32 + 3 * 64
-    sel = cop.select(rate=0.3, beta=3)
+    sel = cop.select(amount=0.3, beta=3)
     width = {g.name: len(g.producers) for g in cop.groups}
     assert sel.filters_removed.tolist() == np.cumsum([width[l] for l in sel.layer]).tolist()
     assert sel.filters_removed.iloc[-2] < math.floor(0.3 * cop.filters) <= sel.filters_removed.iloc[-1]
-    assert len(COP(lenet5(), (1, 28, 28), layer_types=LIN).select(rate=0.5)) == math.floor(0.5 * 570)
+    assert len(COP(lenet5(), (1, 28, 28), layer_types=LIN).select(amount=0.5)) == math.floor(0.5 * 570)
 
 
 def test_costs_after_every_cut_are_exact_and_targets_stop_at_the_first_cut_reaching_them():
@@ -239,9 +239,9 @@ def test_costs_after_every_cut_are_exact_and_targets_stop_at_the_first_cut_reach
 
 def test_a_smaller_budget_gives_a_prefix_and_rate_zero_gives_nothing():
     cop = COP(resnet_cifar(20), (3, 32, 32))
-    big, small = cop.select(rate=0.5, beta=1, gamma=1), cop.select(rate=0.2, beta=1, gamma=1)
+    big, small = cop.select(amount=0.5, beta=1, gamma=1), cop.select(amount=0.2, beta=1, gamma=1)
     assert big[["layer", "index"]].iloc[:len(small)].equals(small[["layer", "index"]])
-    assert len(cop.select(rate=0.0)) == 0 and cop.plan(rate=0.0) == {}
+    assert len(cop.select(amount=0.0)) == 0 and cop.plan(amount=0.0) == {}
 
 
 def test_tied_groups_are_scored_together_and_hidden_linear_layers_only_when_asked():
@@ -262,10 +262,10 @@ def test_the_callers_model_is_never_modified():
 
 
 @pytest.mark.parametrize("kwargs,arg", [
-    (dict(rate=1.0), "rate"), (dict(rate=-0.1), "rate"), (dict(rate="0.3"), "rate"), (dict(macs_reduction=1.5), "macs_reduction"),
-    (dict(rate=0.2, macs_reduction=0.5), "exactly one"), (dict(), "exactly one"), (dict(n_filters=-1), "n_filters"),
-    (dict(rate=0.2, alpha=-1), "alpha"), (dict(rate=0.2, beta=float("nan")), "beta"), (dict(rate=0.2, gamma=True), "gamma"),
-    (dict(rate=0.2, alpha=0), "all 0"), (dict(rate=0.2, min_channels=0), "min_channels")])
+    (dict(amount=1.0), "amount"), (dict(amount=-0.1), "amount"), (dict(amount="0.3"), "amount"), (dict(macs_reduction=1.5), "macs_reduction"),
+    (dict(amount=0.2, macs_reduction=0.5), "exactly one"), (dict(), "exactly one"), (dict(amount=-1), "amount"),
+    (dict(amount=0.2, alpha=-1), "alpha"), (dict(amount=0.2, beta=float("nan")), "beta"), (dict(amount=0.2, gamma=True), "gamma"),
+    (dict(amount=0.2, alpha=0), "all 0"), (dict(amount=0.2, min_channels=0), "min_channels")])
 def test_bad_selection_arguments_name_the_argument(kwargs, arg):
     with pytest.raises(ValueError, match=arg): COP(lenet5(), (1, 28, 28)).select(**kwargs)
 
@@ -275,12 +275,12 @@ def test_bad_setup_arguments_name_the_argument():
     with pytest.raises(ValueError, match="normalize"): COP(lenet5(), (1, 28, 28), normalize="l3")
     with pytest.raises(ValueError, match="top_k"): COP(lenet5(), (1, 28, 28), top_k=0)
     with pytest.raises(ValueError, match="layer_types"): COP(resnet_cifar(20), (3, 32, 32), layer_types=(nn.Linear,))
-    with pytest.raises(ValueError, match="no channel group named"): COP(lenet5(), (1, 28, 28), which=["conv9"])
+    with pytest.raises(ValueError, match="no channel group named"): COP(lenet5(), (1, 28, 28), groups=["conv9"])
     with pytest.raises(ValueError): COP(lenet5(), (3, 32, 32))           # an input the model cannot take
     with pytest.raises(ValueError, match="square"): normalize_correlation(np.ones((2, 3)))
-    with pytest.raises(ValueError, match="at"): COPCallback(rate=0.2, at=1.0)
+    with pytest.raises(ValueError, match="at"): COPCallback(amount=0.2, at=1.0)
     with pytest.raises(ValueError, match="exactly one"): COPCallback()
-    with pytest.raises(ValueError, match="alpha"): COPCallback(rate=0.2, alpha=-2)
+    with pytest.raises(ValueError, match="alpha"): COPCallback(amount=0.2, alpha=-2)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ from fastai.vision.models.xresnet import xresnet18
 from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
 
-from corrprune_edu.flops import count_macs, count_params
+from corrprune_edu.flops import CostModel, count_macs, count_params
 from corrprune_edu.models import lenet5, resnet_cifar, vgg16_cifar
-from corrprune_edu.surgery import PruningError, analyze_channels, mask_channels, prune_channels
+from corrprune_edu.channels import PruningError, analyze_channels
+from corrprune_edu.surgery import mask_channels, prune_channels
 
 MODELS = {  # name: (constructor, input shape, examples to draw)
     "lenet5": (lenet5, (1, 28, 28), 25),
@@ -90,6 +91,26 @@ def test_pruned_equals_masked(name):
 
     check()
 
+
+
+COST_MODELS = ["lenet5", "vgg16_cifar", "resnet20", "tv_mobilenet_v2", "tv_efficientnet_b0", "tv_densenet121"]
+
+@pytest.mark.parametrize("name", COST_MODELS)
+def test_cost_model_predicts_the_pruned_model_exactly(name):
+    "CostModel's parameters and MACs after a plan are what counting the pruned model gives (residual, depthwise, SE, concat)"
+    model, analysis, _ = prepared(name)
+    shape = MODELS[name][1]
+    cm = CostModel(model, analysis, [g for g in analysis.groups if g.prunable])
+    assert cm.totals() == (count_params(model), count_macs(model, shape))
+
+    @settings(max_examples=3, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @given(st.data())
+    def check(data):
+        plan = draw_plan(data, analysis)
+        pruned = prune_channels(model, plan, analysis=analysis)
+        assert cm.costs_after(plan) == (count_params(pruned), count_macs(pruned, shape)), f"{name}: plan {plan}"
+
+    check()
 
 def test_masking_matters():
     "A plan that removes channels changes the output of a random network: the equality above is not trivial"
@@ -213,7 +234,7 @@ def test_weights_computed_on_the_fly_are_refused():
 def test_union_find_matches_a_naive_reference(case):
     "The vectorised union-find ties exactly what a plain one would, whatever the pairs (chains, cycles, repeats)"
     import numpy as np
-    from corrprune_edu.surgery import _Atoms
+    from corrprune_edu.channels import _Atoms
     n, batches = case
     u, ref = _Atoms(), list(range(n))
     u.new(n)

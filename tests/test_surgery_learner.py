@@ -6,7 +6,8 @@ from functools import partial
 
 from corrprune_edu.data import mnist_dls
 from corrprune_edu.models import lenet5, resnet_cifar
-from corrprune_edu.surgery import prune_channels, prune_learner, save_pruned, load_pruned
+from corrprune_edu.surgery import prune_channels
+from corrprune_edu.checkpoint import prune_learner, save_pruned, load_pruned
 from corrprune_edu.train import evaluate, fit, make_learner
 from corrprune_edu.core import filter_counts
 
@@ -77,7 +78,7 @@ def test_save_and_load_pruned_resnet(tmp_path):
 
 def test_load_pruned_into_the_wrong_family_is_a_clear_error(tmp_path):
     import pytest
-    from corrprune_edu.surgery import PruningError
+    from corrprune_edu.channels import PruningError
     pruned = prune_channels(lenet5(), {"conv1": [0]}, (1, 28, 28))
     save_pruned(pruned, tmp_path/"l.pt")
     with pytest.raises(PruningError):

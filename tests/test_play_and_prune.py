@@ -7,13 +7,13 @@ import torch
 from fastai.callback.core import Callback
 from hypothesis import given, settings, strategies as st
 
-import corrprune_edu.controller as ctl
-from corrprune_edu.controller import (AFP, FixedController, GapController, PRC, PlayAndPrune, PlayAndPruneCallback,
+import corrprune_edu.play_and_prune as pap
+from corrprune_edu.play_and_prune import (AFP, FixedController, GapController, PRC, PlayAndPrune, PlayAndPruneCallback,
                                       l1_penalty, penalty_terms, play_and_prune, replay, select_candidates)
 from corrprune_edu.core import describe_counts, filter_counts
 from corrprune_edu.data import mnist_dls
 from corrprune_edu.models import lenet5
-from corrprune_edu.surgery import analyze_channels
+from corrprune_edu.channels import analyze_channels
 from corrprune_edu.train import cached_baseline, evaluate, fit, make_learner, quiet
 
 
@@ -93,16 +93,16 @@ def test_fixed_controller_never_moves_and_subclassing_is_enough():
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.lists(st.floats(0, 1), min_size=1, max_size=40), min_size=1, max_size=4),
        st.floats(0, 1), st.floats(0.01, 1), st.integers(1, 5), st.one_of(st.none(), st.integers(1, 10)))
-def test_candidate_caps(layers, W, max_frac, min_filters, limit):
+def test_candidate_caps(layers, W, max_frac, min_channels, limit):
     scores = {f"l{i}": torch.tensor(s, dtype=torch.float64) for i, s in enumerate(layers)}
-    cand = select_candidates(scores, W, max_frac, min_filters, limit)
+    cand = select_candidates(scores, W, max_frac, min_channels, limit)
     total = 0
     for name, idx in cand.items():
         s, n = scores[name], len(scores[name])
         assert idx == sorted(set(idx)) and len(idx) >= 1
         assert all(s[i] < W for i in idx)                                 # only filters below W
         assert len(idx) <= max(1, int(max_frac * n))                       # at most max_frac of the layer (>= 1)
-        assert n - len(idx) >= min_filters                                 # never below min_filters
+        assert n - len(idx) >= min_channels                                 # never below min_channels
         rest = [s[i] for i in range(n) if i not in idx and s[i] < W]
         if rest: assert max(s[i] for i in idx) <= min(rest)                # lowest first
         total += len(idx)
@@ -110,7 +110,7 @@ def test_candidate_caps(layers, W, max_frac, min_filters, limit):
 
 
 @pytest.mark.parametrize("kwargs, arg", [(dict(W=1.5), "W"), (dict(max_frac=0), "max_frac"),
-                                         (dict(min_filters=0), "min_filters"), (dict(limit=0), "limit")])
+                                         (dict(min_channels=0), "min_channels"), (dict(limit=0), "limit")])
 def test_select_candidates_bad_input_names_the_argument(kwargs, arg):
     with pytest.raises(ValueError, match=arg):
         select_candidates({"a": torch.rand(5)}, **{"W": 0.5, **kwargs})
@@ -139,7 +139,7 @@ def tiny():
 def _script(monkeypatch, accs):
     "Make the controller measure these accuracies, in order (the last one repeats)"
     seq = list(accs)
-    monkeypatch.setattr(ctl, "_acc", lambda learn: seq.pop(0) if len(seq) > 1 else seq[0])
+    monkeypatch.setattr(pap, "_acc", lambda learn: seq.pop(0) if len(seq) > 1 else seq[0])
 
 
 def _aggressive():
@@ -279,7 +279,7 @@ def test_bad_loop_arguments_name_the_argument(kwargs, arg):
 
 
 @pytest.mark.parametrize("make, arg", [(lambda: AFP(max_frac=0), "max_frac"), (lambda: AFP(negligible=0), "negligible"),
-                                       (lambda: AFP(min_filters=0), "min_filters"), (lambda: GapController(W=3), "W"),
+                                       (lambda: AFP(min_channels=0), "min_channels"), (lambda: GapController(W=3), "W"),
                                        (lambda: GapController(lam=-1), "lam"), (lambda: GapController(lam_min=1, lam_max=0.1), "lam_min")])
 def test_bad_settings_name_the_argument(make, arg):
     with pytest.raises(ValueError, match=arg): make()
