@@ -3,8 +3,8 @@
 Every wrong answer is a function named like the notebook's (`filter_pearson__not_centred` answers `filter_pearson`),
 registered with `@wrong(task, hint)`. `tests/test_assignments.py` runs each through its task's check directly, and
 builds one wrong submission per assignment from those marked `e2e=...` for a full `nbgrader autograde`: their source,
-renamed, replaces the solution cell of their task. So they may only use names the assignment's notebook defines
-(its imports), and nothing from this package of tests.
+renamed, replaces the solution cell of their task. So those may only use names the assignment's notebook defines (its
+imports), and nothing else from this package of tests; the others may share helpers.
 """
 import inspect, re, textwrap
 from dataclasses import dataclass
@@ -42,4 +42,4 @@ def wrong(task: str, hint: str, e2e: str | None = None, inputs: Callable = dict)
     return deco
 
 
-from . import a1_filter_correlation, a2_filter_surgery  # noqa: E402  (registers their answers)
+from . import a1_filter_correlation, a2_filter_surgery, a3_cop, a4_play_and_prune  # noqa: E402  (registers their answers)
