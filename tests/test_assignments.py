@@ -7,7 +7,7 @@
   hidden tests are gone; a submission with wrong answers loses exactly those tasks' points, and `generate_feedback`
   writes HTML that carries the hints.
 """
-import html, json, os, re, time
+import html, json, os, re, resource, shutil, subprocess, sys, time
 from pathlib import Path
 
 import pytest
@@ -72,6 +72,17 @@ def test_assignment_metadata_follows_the_conventions():
             assert any(_meta(c).get("grade_id") == f"{gid}_solution" and _meta(c).get("solution") for c in cells), f"{a}: {gid} has no solution cell"
 
 
+def test_nbdev_clean_keeps_the_grading_metadata(tmp_path):
+    "nbdev-clean, run with the project's settings, leaves every cell's nbgrader metadata as it was"
+    for a in ASSIGNMENTS:
+        copy = tmp_path/f"{a}.ipynb"
+        shutil.copyfile(SOURCE/f"{a}.ipynb", copy)
+        before = [_meta(c) for c in _cells(copy)]
+        out = subprocess.run([str(Path(sys.executable).parent/"nbdev-clean"), "--fname", str(copy)], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert sum(bool(m) for m in before) >= 5 and [_meta(c) for c in _cells(copy)] == before, f"nbdev-clean changed {a}'s nbgrader metadata"
+
+
 # -- end to end, with nbgrader ----------------------------------------------------------------------------------------
 def _wrong_submission(assignment: str, dest: Path) -> Path:
     "The source notebook with the solution cells of the E2E wrong answers replaced by them"
@@ -82,6 +93,12 @@ def _wrong_submission(assignment: str, dest: Path) -> Path:
         cell["source"] = w.cell_source()
     dest.write_text(json.dumps(nb))
     return dest
+
+
+def _children_cpu() -> float:
+    "CPU seconds used so far by finished child processes (nbgrader and the kernels it waited for)"
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +114,12 @@ def graded(tmp_path_factory):
         course.add_submission(root, a, "solution", SOURCE/f"{a}.ipynb")
         course.add_submission(root, a, "blank", released[a])
         course.add_submission(root, a, "wrong", _wrong_submission(a, tmp/f"{a}_wrong.ipynb"))
-    t1 = time.perf_counter()
+    t1, cpu = time.perf_counter(), _children_cpu()
     course.autograde(root, env={"IN_TEST": "1", "CORRPRUNE_THREADS": os.environ.get("CORRPRUNE_THREADS", "2")})
-    t_grade = time.perf_counter() - t1
+    t_grade, cpu = time.perf_counter() - t1, _children_cpu() - cpu
     course.feedback(root)
     print(f"\nnbgrader: release of {len(ASSIGNMENTS)} assignments {t_release:.0f}s, autograde of {3 * len(ASSIGNMENTS)} "
-          f"submissions {t_grade:.0f}s, feedback {time.perf_counter() - t1 - t_grade:.0f}s")
+          f"submissions {t_grade:.0f}s ({cpu:.0f} CPU-s), feedback {time.perf_counter() - t1 - t_grade:.0f}s")
     return dict(root=root, released=released, grades=course.grades(root))
 
 
