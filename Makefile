@@ -26,8 +26,9 @@ demo: venv
 # LAB_ARGS="--no-browser --port 8890" for a remote machine; IN_TEST=1 make lab for the small configurations.
 LAB_DIR ?= nbs
 LAB_ARGS ?=
+# (Jupyter refuses to run as root unless told to: containers often run as root, so say it for them.)
 lab: venv
-	$(VENV)/bin/jupyter lab --notebook-dir=$(LAB_DIR) $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab --notebook-dir=$(LAB_DIR) $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 # For instructors: an nbgrader course directory with every assignment released (student versions in
 # $(COURSE)/release/). Then `corrprune-course submit|autograde|feedback|grades` (see the README, For instructors).

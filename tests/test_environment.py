@@ -33,4 +33,4 @@ def test_a_notebook_runs_in_this_environment_under_the_ipykernel(tmp_path):
 
 def test_make_lab_opens_the_notebooks():
     out = subprocess.run(["make", "-n", "lab"], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 0 and "jupyter lab --notebook-dir=nbs" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 0 and "jupyter lab --notebook-dir=nbs " in out.stdout, out.stdout + out.stderr
