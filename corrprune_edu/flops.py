@@ -195,7 +195,7 @@ def _does_not_fit(model, input_shape, rec, e) -> ValueError:
 
 # %% ../nbs/api/03_flops.ipynb #1864dd1f
 def count_macs(model: nn.Module, # the model
-               input_shape, # (C, H, W) of one input
+               input_shape, # (C, H, W) of one input, or an example batch (a tensor)
               ) -> int:
     "Multiply-accumulates of one forward pass for one input (conv and linear layers; FLOPs = 2 x MACs)"
     return int(layer_costs(model, input_shape).macs.sum())
@@ -209,7 +209,7 @@ def count_params(model: nn.Module, # the model
 
 # %% ../nbs/api/03_flops.ipynb #d82435c2
 def torch_flops(model: nn.Module, # the model
-                input_shape, # (C, H, W) of one input
+                input_shape, # (C, H, W) of one input, or an example batch (a tensor)
                ) -> int:
     "FLOPs of one forward pass as counted by `torch.utils.flop_counter.FlopCounterMode`"
     from torch.utils.flop_counter import FlopCounterMode
@@ -219,7 +219,7 @@ def torch_flops(model: nn.Module, # the model
 
 # %% ../nbs/api/03_flops.ipynb #1485b567
 def cost_summary(model: nn.Module, # the model
-                 input_shape, # (C, H, W) of one input
+                 input_shape, # (C, H, W) of one input, or an example batch (a tensor)
                 ) -> dict:
     "Total MACs and parameters of `model`"
     return dict(macs=count_macs(model, input_shape), params=count_params(model))
