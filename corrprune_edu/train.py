@@ -135,7 +135,8 @@ def load_baseline(path, # a cache file written by `cached_baseline`
         bad = sorted(set(ref) ^ set(state)) or [k for k in ref if tuple(state[k].shape) != tuple(ref[k].shape)]
         if bad or not isinstance(meta, dict): raise ValueError(f"its weights do not fit {type(net).__name__} ({bad[:3]})")
     except Exception as e:                                # truncated, corrupt, or written by something else
-        warnings.warn(f"cached baseline {path} is unreadable ({type(e).__name__}: {next(iter(str(e).splitlines()), '')[:120]}); "
+        reason = next(iter(str(e).splitlines()), "").split(". ")[0]    # the first sentence says what is wrong
+        warnings.warn(f"cached baseline {path} is unreadable ({type(e).__name__}: {reason}); "
                       "ignoring it and retraining the baseline, which replaces the file", stacklevel=3)
         return None
     net.load_state_dict(state)                            # checked first, so a bad file never leaves `net` half-loaded
