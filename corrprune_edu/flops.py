@@ -18,10 +18,12 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .core import check_int
+
 # %% auto #0
 __all__ = ['MAC_OPS', 'UNCOUNTED_OPS', 'LAYER_TYPES', 'eval_mode', 'detached_hooks', 'op_macs', 'CostRecorder', 'layer_costs',
-           'count_macs', 'count_params', 'torch_flops', 'cost_summary', 'format_costs', 'CostModel', 'check_counts',
-           'measure_latency', 'compare_latency']
+           'count_macs', 'count_params', 'torch_flops', 'cost_summary', 'format_costs', 'CostModel', 'measure_latency',
+           'compare_latency']
 
 # %% ../nbs/api/03_flops.ipynb #78ae6511
 def _example(model: nn.Module, input_shape) -> torch.Tensor:
@@ -195,7 +197,7 @@ def _does_not_fit(model, input_shape, rec, e) -> ValueError:
 
 # %% ../nbs/api/03_flops.ipynb #1864dd1f
 def count_macs(model: nn.Module, # the model
-               input_shape, # (C, H, W) of one input
+               input_shape, # (C, H, W) of one input, or an example batch (a tensor)
               ) -> int:
     "Multiply-accumulates of one forward pass for one input (conv and linear layers; FLOPs = 2 x MACs)"
     return int(layer_costs(model, input_shape).macs.sum())
@@ -209,7 +211,7 @@ def count_params(model: nn.Module, # the model
 
 # %% ../nbs/api/03_flops.ipynb #d82435c2
 def torch_flops(model: nn.Module, # the model
-                input_shape, # (C, H, W) of one input
+                input_shape, # (C, H, W) of one input, or an example batch (a tensor)
                ) -> int:
     "FLOPs of one forward pass as counted by `torch.utils.flop_counter.FlopCounterMode`"
     from torch.utils.flop_counter import FlopCounterMode
@@ -219,7 +221,7 @@ def torch_flops(model: nn.Module, # the model
 
 # %% ../nbs/api/03_flops.ipynb #1485b567
 def cost_summary(model: nn.Module, # the model
-                 input_shape, # (C, H, W) of one input
+                 input_shape, # (C, H, W) of one input, or an example batch (a tensor)
                 ) -> dict:
     "Total MACs and parameters of `model`"
     return dict(macs=count_macs(model, input_shape), params=count_params(model))
@@ -333,17 +335,6 @@ class CostModel:
         return self.totals(self.size_after(plan))
 
 # %% ../nbs/api/03_flops.ipynb #a244ed0a
-def check_counts(fn: str, # the function whose arguments these are (named in the error)
-                 **counts, # argument name -> value, or (value, smallest allowed or None for "None is fine too")
-                ) -> None:
-    "Raise a `ValueError` naming `fn` and the argument unless every count is an int of at least 1 (or the given bound)"
-    for arg, v in counts.items():
-        v, low = v if isinstance(v, tuple) else (v, 1)
-        if v is None and low is None: continue
-        low = 1 if low is None else low
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ValueError(f"{fn}: {arg} must be an integer >= {low}, got {v!r}; pass e.g. {arg}={max(low, 1) if arg != 'threads' else 2}")
-
 def measure_latency(model: nn.Module, # the model to time
                     input_shape, # (C, H, W) of one input
                     batch_size: int = 1, # images per forward pass
@@ -352,7 +343,8 @@ def measure_latency(model: nn.Module, # the model to time
                     repeats: int = 10, # timed passes
                    ) -> dict:
     "Forward-pass wall time in milliseconds (median, min, all runs), in eval mode without gradients"
-    check_counts("measure_latency", batch_size=batch_size, repeats=repeats, warmup=(warmup, 0), threads=(threads, None))
+    for arg, v, low in (("batch_size", batch_size, 1), ("repeats", repeats, 1), ("warmup", warmup, 0), ("threads", 1 if threads is None else threads, 1)):
+        check_int(v, arg, low, "measure_latency", hint=f"Pass e.g. {arg}={max(low, 1)}.")
     x = _example(model, (batch_size, *tuple(input_shape)[-3:]))
     old_threads = torch.get_num_threads()
     if threads: torch.set_num_threads(threads)
@@ -379,7 +371,8 @@ def compare_latency(models: dict, # name -> model
     "Median forward time of several models, measured in interleaved rounds; one row per model"
     if not isinstance(models, dict) or not models:
         raise ValueError(f"compare_latency: models must be a non-empty dict of name -> model, got {models!r}; pass e.g. {{'before': net, 'after': small}}")
-    check_counts("compare_latency", batch_size=batch_size, rounds=rounds, repeats=repeats, threads=(threads, None))
+    for arg, v in (("batch_size", batch_size), ("rounds", rounds), ("repeats", repeats), ("threads", 1 if threads is None else threads)):
+        check_int(v, arg, 1, "compare_latency", hint=f"Pass e.g. {arg}=2.")
     runs = {name: [] for name in models}
     for r in range(rounds):
         for name, m in models.items():

@@ -24,7 +24,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import Adam, SGD
 
-from .core import cache_dir, set_seed, stable_hash, filter_counts, describe_counts
+from .core import cache_dir, check_int, check_number, describe_counts, filter_counts, set_seed, stable_hash
 from .data import DATASETS, get_dls
 from .flops import eval_mode, count_macs, count_params, compare_latency
 from .models import get_model, model_arguments
@@ -119,11 +119,9 @@ BASELINE_FORMAT = 1  # bump when the training recipe changes, so old cache entri
 def _check_recipe(model, epochs, opt, lr):
     "Clear errors for a training recipe that cannot work, before any data is read"
     model_arguments(model)                               # an unknown model name lists the choices
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"cached_baseline: epochs must be a positive integer, got {epochs!r}; pass e.g. epochs=3")
+    check_int(epochs, "epochs", 1, "cached_baseline", hint="Pass e.g. epochs=3.")
     if opt not in OPTIMIZERS: raise ValueError(f"Unknown optimiser preset {opt!r}: choose one of {sorted(OPTIMIZERS)}.")
-    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf")):
-        raise ValueError(f"cached_baseline: lr must be a positive number or None (the preset's), got {lr!r}; pass e.g. lr=3e-3")
+    if lr is not None: check_number(lr, "lr", 0, who="cached_baseline", low_open=True, hint="Pass e.g. lr=3e-3, or None for the preset's.")
 
 def load_baseline(path, # a cache file written by `cached_baseline`
                   net: nn.Module, # the freshly built model to load the weights into
@@ -135,7 +133,8 @@ def load_baseline(path, # a cache file written by `cached_baseline`
         bad = sorted(set(ref) ^ set(state)) or [k for k in ref if tuple(state[k].shape) != tuple(ref[k].shape)]
         if bad or not isinstance(meta, dict): raise ValueError(f"its weights do not fit {type(net).__name__} ({bad[:3]})")
     except Exception as e:                                # truncated, corrupt, or written by something else
-        warnings.warn(f"cached baseline {path} is unreadable ({type(e).__name__}: {next(iter(str(e).splitlines()), '')[:120]}); "
+        reason = next(iter(str(e).splitlines()), "").split(". ")[0]    # the first sentence says what is wrong
+        warnings.warn(f"cached baseline {path} is unreadable ({type(e).__name__}: {reason}); "
                       "ignoring it and retraining the baseline, which replaces the file", stacklevel=3)
         return None
     net.load_state_dict(state)                            # checked first, so a bad file never leaves `net` half-loaded

@@ -294,7 +294,7 @@ RECIPE = dict(model="lenet5", dataset="mnist_embedded", n_per_class=10, n_test_p
 CACHE_ARGUMENTS = [
     Case("cache unknown model", lambda: cached_baseline(**{**RECIPE, "model": "resnet18"}), ValueError, "resnet18"),
     Case("cache epochs=0", lambda: cached_baseline(**{**RECIPE, "epochs": 0}), ValueError, "epochs"),
-    Case("cache epochs float", lambda: cached_baseline(**{**RECIPE, "epochs": 1.5}), ValueError, "epochs"),
+    Case("cache epochs float", lambda: cached_baseline(**{**RECIPE, "epochs": 1.5}), TypeError, "epochs"),
     Case("cache unknown optimiser", lambda: cached_baseline(**RECIPE, opt="rmsprop"), ValueError, "rmsprop"),
     Case("cache negative lr", lambda: cached_baseline(**RECIPE, lr=-1e-3), ValueError, "lr"),
     Case("cache nan lr", lambda: cached_baseline(**RECIPE, lr=math.nan), ValueError, "lr"),

@@ -148,3 +148,31 @@ def test_cost_model_predicts_the_pruned_model_exactly(name):
         assert cm.costs_after(plan) == (count_params(pruned), count_macs(pruned, example(name))), f"{name}: plan {plan}"
 
     check()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_cost_table_adds_up_to_count_params(name):
+    "Every parameter is in the table once: a layer called twice or a shared weight once, an unused layer with 0 MACs"
+    from corrprune_edu.flops import layer_costs
+    model = prepared(name)[0]
+    costs = layer_costs(model, example(name))
+    assert costs.params.sum() + costs.attrs["other_params"] == count_params(model)
+    assert costs.macs.sum() == count_macs(model, example(name)) and costs.layer.is_unique
+
+
+def test_calls_and_unused_layers_are_rows():
+    from corrprune_edu.flops import layer_costs
+    calls = lambda name: layer_costs(prepared(name)[0], example(name)).set_index("layer").calls.to_dict()
+    assert calls("reused_conv")["block"] == 2 and "again" not in calls("reused_conv")
+    assert calls("tied_weights")["a"] == 2 and "b" not in calls("tied_weights")    # one row per weight
+    assert calls("unused_layer")["spare"] == 0
+    assert calls("functional_conv")["w"] == 1                                     # F.conv2d with the root's parameter
+
+
+@pytest.mark.parametrize("layer", [nn.ConvTranspose2d(4, 2, 3, stride=2), nn.ConvTranspose2d(4, 4, 3, groups=2),
+                                   nn.Conv3d(4, 2, (1, 3, 3))], ids=["transposed", "transposed grouped", "conv3d"])
+def test_other_convolutions_match_flop_counter_mode(layer):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), layer) if not isinstance(layer, nn.Conv3d) else \
+            nn.Sequential(nn.Conv3d(3, 4, 3, padding=1), layer)
+    x = torch.zeros(2, 3, 8, 8) if not isinstance(layer, nn.Conv3d) else torch.zeros(2, 3, 4, 8, 8)
+    assert torch_flops(model, x) == 2 * count_macs(model, x) * 2                  # per input: half of a batch of 2
