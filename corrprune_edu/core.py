@@ -18,7 +18,7 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['WEIGHT_LAYERS', 'check_int', 'check_number', 'set_seed', 'set_threads', 'cache_dir', 'stable_hash', 'weight_layers',
-           'filter_counts', 'describe_counts', 'stable_argsort', 'check_finite']
+           'filter_counts', 'describe_counts', 'stable_argsort', 'stable_argmin', 'check_finite']
 
 # %% ../nbs/api/00_core.ipynb #fdda054c
 def _prefix(who: str) -> str: return f"{who}: " if who else ""
@@ -120,24 +120,40 @@ def _default_rtol(dtype) -> float:
     if not np.issubdtype(dtype, np.floating): return 0.0
     return max(1e-9, 100 * float(np.finfo(dtype).eps))
 
+def _scores_and_tol(scores, rtol, who: str) -> tuple[np.ndarray, float]:
+    "`scores` as a 1-D float64 array without NaN, and the tie tolerance: `rtol` x the largest finite |score|"
+    x = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores)
+    if x.ndim != 1: raise ValueError(f"{who}: scores must be 1-D (one score per item), got shape {x.shape}")
+    rtol = check_number(_default_rtol(x.dtype) if rtol is None else rtol, "rtol", 0, 1, who, high_open=True)
+    x = x.astype(np.float64)
+    if np.isnan(x).any(): raise ValueError(f"{who}: scores hold {int(np.isnan(x).sum())} NaN; compute them from finite weights (see `check_finite`)")
+    finite = np.abs(x[np.isfinite(x)])
+    return x, rtol * finite.max() if finite.size else 0.0
+
 def stable_argsort(scores, # one score per item: a 1-D tensor, array or list, in item order
                    descending: bool = False, # largest first
                    rtol: float | None = None, # scores closer than `rtol` x the largest finite |score| are tied; `None`: 1e-9 for float64, 100 machine epsilons otherwise
                   ) -> np.ndarray:
     "Indices that sort `scores`; near-equal scores are tied, and tied scores keep their order (lowest index first)"
-    x = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores)
-    if x.ndim != 1: raise ValueError(f"stable_argsort: scores must be 1-D (one score per item), got shape {x.shape}")
-    if rtol is None: rtol = _default_rtol(x.dtype)
-    rtol = check_number(rtol, "rtol", 0, 1, "stable_argsort", high_open=True)
-    x = x.astype(np.float64)
-    if np.isnan(x).any(): raise ValueError(f"stable_argsort: scores hold {int(np.isnan(x).sum())} NaN; compute them from finite weights (see `check_finite`)")
+    x, tol = _scores_and_tol(scores, rtol, "stable_argsort")
+    if x.size == 0: return np.zeros(0, dtype=np.int64)
     if descending: x = -x
-    finite = np.abs(x[np.isfinite(x)])
-    tol = rtol * finite.max() if finite.size else 0.0
     order = np.argsort(x, kind="stable")
-    gaps = np.diff(x[order])
+    with np.errstate(invalid="ignore"): gaps = np.diff(x[order])
     run = np.concatenate([[0], np.cumsum(gaps > tol)])    # a new run where a gap exceeds tol (inf - inf is NaN: same run)
     return order[np.lexsort((order, run))]
+
+def stable_argmin(scores, # one score per item: a 1-D tensor, array or list, in item order
+                  rtol: float | None = None, # as in `stable_argsort`
+                 ) -> int:
+    "`stable_argsort(scores)[0]` without sorting: the lowest index among the scores tied with the smallest"
+    x, tol = _scores_and_tol(scores, rtol, "stable_argmin")
+    if x.size == 0: raise ValueError("stable_argmin: scores are empty; there is nothing to pick")
+    run = x <= x.min() + tol
+    while True:                                          # grow the run of ties while the next score is within tol
+        grown = x <= x[run].max() + tol
+        if grown.sum() == run.sum(): return int(np.flatnonzero(run)[0])
+        run = grown
 
 # %% ../nbs/api/00_core.ipynb #71fa9290
 def _bad_counts(t) -> tuple[int, int]:
