@@ -31,10 +31,10 @@ from .channels import PruningError, analyze_channels
 from .surgery import apply_plan, copy_model, prune_channels, record_pruning
 
 # %% auto #0
-__all__ = ['HOOK_ATTRS', 'FASTAI_SAFE_GLOBALS', 'fastai_save', 'fastai_load', 'optimizer_state', 'named_optimizer_state',
-           'load_named_state', 'rebuild_optimizer', 'move_hooks', 'remember_unpruned', 'unpruned_model',
-           'learner_example', 'retarget_hook_callbacks', 'swap_model', 'prune_learner', 'Checkpoint', 'in_lr_find',
-           'pruning_record', 'replay_pruning', 'read_checkpoint', 'save_pruned', 'load_pruned']
+__all__ = ['FASTAI_SAFE_GLOBALS', 'fastai_save', 'fastai_load', 'optimizer_state', 'named_optimizer_state', 'load_named_state',
+           'rebuild_optimizer', 'move_hooks', 'remember_unpruned', 'unpruned_model', 'learner_example',
+           'retarget_hook_callbacks', 'swap_model', 'prune_learner', 'Checkpoint', 'in_lr_find', 'pruning_record',
+           'replay_pruning', 'read_checkpoint', 'save_pruned', 'load_pruned']
 
 # %% ../nbs/api/06b_checkpoint.ipynb #bd1c6c3d
 def optimizer_state(opt, # a fastai `Optimizer`, or an `OptimWrapper` around a PyTorch optimiser
@@ -82,22 +82,28 @@ def rebuild_optimizer(learn, # a fastai `Learner` whose model was replaced
     if frozen_idx: learn.opt.freeze_to(frozen_idx)
 
 # %% ../nbs/api/06b_checkpoint.ipynb #214eb47d
-HOOK_ATTRS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
-              "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+# torch's hook tables, each with the dicts that flag its entries (kwargs, always called)
+_HOOK_TABLES = {"_forward_pre_hooks": ("_forward_pre_hooks_with_kwargs",),
+                "_forward_hooks": ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"),
+                "_backward_pre_hooks": (), "_backward_hooks": ()}
 
-def move_hooks(src: nn.Module, # the model the hooks are on now (it keeps none)
-               dst: nn.Module, # the model that replaces it (module names as in `src`)
+def move_hooks(src: nn.Module, # the model the hooks are on now
+               dst: nn.Module, # the model that replaces it, made by `copy_model` (module names as in `src`)
               ) -> int:
-    "Move every forward/backward hook of `src`'s modules to the module of the same name in `dst`; returns how many moved"
+    "Move the user's forward/backward hooks from `src`'s modules to the modules of the same name in `dst`; returns how many moved"
     targets, moved = dict(dst.named_modules()), 0
     for name, m in src.named_modules():
-        if name not in targets or targets[name] is m: continue
-        t = targets[name]
-        moved += len(getattr(m, "_forward_pre_hooks", {})) + len(getattr(m, "_forward_hooks", {})) + len(getattr(m, "_backward_hooks", {})) + len(getattr(m, "_backward_pre_hooks", {}))
-        for a in HOOK_ATTRS:
-            if a not in vars(m): continue
-            t.__dict__[a] = m.__dict__[a]
-            m.__dict__[a] = None if a == "_is_full_backward_hook" else OrderedDict()
+        t = targets.get(name)
+        if t is None or t is m: continue
+        for table, flags in _HOOK_TABLES.items():
+            moved += len(getattr(m, table, {})) - len(getattr(t, table, {}))
+            for a in (table, *flags):
+                if a not in vars(m): continue
+                theirs, own = m.__dict__[a], t.__dict__.get(a, OrderedDict())
+                keep = OrderedDict((k, v) for k, v in theirs.items() if k in own)   # a module's own hooks (copied) stay with it
+                theirs.update(own)                       # dst's copies of its own hooks take their places
+                t.__dict__[a], m.__dict__[a] = theirs, keep
+        if getattr(m, "_is_full_backward_hook", None) is not None: t._is_full_backward_hook = m._is_full_backward_hook
     return moved
 
 # %% ../nbs/api/06b_checkpoint.ipynb #eff5e712

@@ -367,7 +367,11 @@ def fcp(learn, # a fastai Learner holding a trained model
     per_round = (run.correlate_iters or n_batches) + (run.finetune_iters or n_batches)
     rounds = run.max_rounds if run.episodes is None else len(run.episodes)
     epochs = math.ceil(rounds * per_round / n_batches) + 1
-    with quiet(learn): learn.fit(epochs, lr, wd=wd, cbs=cb)
+    try:
+        with quiet(learn): learn.fit(epochs, lr, wd=wd, cbs=cb)
+    except BaseException:
+        run.finish(learn)                 # fastai runs no `after_fit` after a KeyboardInterrupt or an error
+        raise
     learn.fcp_cb = cb
     return run.frame()
 

@@ -5,6 +5,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from fastai.callback.core import Callback
 from fastai.callback.hook import ActivationStats
 from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
@@ -178,6 +179,28 @@ def test_move_hooks_moves_every_kind_of_hook():
     assert move_hooks(src, dst) == 3
     src(torch.zeros(1, 1, 28, 28)).sum().backward(); assert calls == []
     dst(torch.zeros(1, 1, 28, 28)).sum().backward(); assert sorted(calls) == ["bwd", "fwd", "pre"]
+
+
+class ScaledConv(nn.Conv2d):
+    "A conv whose own forward hook (part of the module's behaviour) scales its output"
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale = 1.0
+        self.register_forward_hook(self.apply_scale)
+    def apply_scale(self, m, i, o): return o * self.scale
+
+
+def test_a_modules_own_hooks_stay_with_it_while_the_users_hooks_move():
+    src, calls = nn.Sequential(ScaledConv(1, 4, 3)), []
+    src[0].register_forward_hook(lambda m, i, o: calls.append("user"))
+    dst = copy_model(src)
+    assert move_hooks(src, dst) == 1
+    x = torch.randn(2, 1, 8, 8)
+    src[0].scale = 2.0                                                    # each model keeps its own scaling hook
+    torch.testing.assert_close(src(x), 2 * dst(x))
+    calls.clear()
+    src(x); assert calls == []
+    dst(x); assert calls == ["user"]
 
 
 # -- learn.save / learn.load -------------------------------------------------------------------------------------------

@@ -273,10 +273,10 @@ def test_mixed_precision(method, learner):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_activation_stats_and_hooks(method, learner):
-    learn, seen = learner(), []
+    learn, seen, act = learner(), [], ActivationStats()
     handle = learn.model.conv1.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
-    with quiet(learn): learn.fit(2, 1e-3, cbs=[METHODS[method]["cb"](), ActivationStats()])
-    stats = learn.activation_stats.stats
+    with quiet(learn): learn.fit(2, 1e-3, cbs=[METHODS[method]["cb"](), act])
+    stats = act.stats
     assert len(stats) == 2 * len(learn.dls.train) and all(s is not None for s in stats[-1])
     seen.clear()
     learn.model(learn.dls.valid.one_batch()[0])

@@ -284,6 +284,24 @@ def test_interrupted_in_the_correlate_phase_leaves_the_accepted_model():
     assert cb.fcp.phase == "idle" and not cb.fcp.log
 
 
+def test_a_keyboard_interrupt_inside_fcp_leaves_the_best_accepted_model():
+    "fastai runs no after_fit after a KeyboardInterrupt: the function closes the round itself"
+    learn = small_learner()
+    class Interrupt(Callback):
+        order = 90
+        def after_batch(self):
+            self.fcp_run = next(cb.fcp for cb in self.learn.cbs if isinstance(cb, FCPCallback))
+            if self.fcp_run.recorded: raise KeyboardInterrupt()      # right after the first drop
+    stop = Interrupt()
+    learn.add_cb(stop)
+    with pytest.raises(KeyboardInterrupt):
+        fcp(learn, macs_reduction=0.5, n_pairs=0.2, correlate_iters=3, finetune_iters=30)
+    run = stop.fcp_run
+    assert run.phase == "idle" and len(run.log) == 1 and run.log[-1]["status"].endswith("(fit ended)")
+    assert filter_counts(learn.model) == filter_counts(run.best.model)
+    for k, v in run.best.model.state_dict().items(): assert torch.equal(learn.model.state_dict()[k], v), k
+
+
 # -- bad input (issue 9) ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, err, name", [
