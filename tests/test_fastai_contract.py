@@ -29,7 +29,7 @@ from corrprune_edu.core import filter_counts, set_seed
 from corrprune_edu.data import mnist_dls
 from corrprune_edu.fcp import FCPCallback
 from corrprune_edu.models import lenet5
-from corrprune_edu.play_and_prune import PlayAndPruneCallback
+from corrprune_edu.play_and_prune import AFP, FixedController, PlayAndPruneCallback
 from corrprune_edu.surgery import copy_model
 from corrprune_edu.train import fit, make_learner, quiet
 
@@ -37,7 +37,8 @@ from corrprune_edu.train import fit, make_learner, quiet
 METHODS = {
     "FCP": dict(cb=lambda: FCPCallback(macs_reduction=0.3, n_pairs=0.2, correlate_iters=3, finetune_iters=3), penalty=True),
     "COP": dict(cb=lambda: COPCallback(amount=0.3, at=0.3), penalty=False),
-    "PlayAndPrune": dict(cb=lambda: PlayAndPruneCallback(tolerance=0.05, phase_batches=4, max_iters=6), penalty=True),
+    "PlayAndPrune": dict(cb=lambda: PlayAndPruneCallback(tolerance=0.05, phase_batches=4, max_iters=6, afp=AFP(max_frac=0.3, negligible=1.0),
+                                                         controller=FixedController(lam=0.05, W=0.95)), penalty=True),
 }
 
 
@@ -145,6 +146,8 @@ def test_fine_tune(method, learner):
     once = {"FCP": lambda: cb.fcp.done and 0.3 <= cb.fcp.macs_removed(learn.model) < 0.4,
             "COP": lambda: cb.done and filter_counts(learn.model) != filter_counts(lenet5()) and sum(filter_counts(learn.model)[k] for k in ("conv1", "conv2")) == 70 - 21,
             "PlayAndPrune": lambda: [h["outcome"] for h in cb.loop.history].count("start") == 1
+                                    and [h["outcome"] for h in cb.loop.history].count("final") == 1
+                                    and "paused" in [h["outcome"] for h in cb.loop.history]
                                     and [h["t"] for h in cb.loop.history] == sorted(h["t"] for h in cb.loop.history)}
     assert once[method]()
 
