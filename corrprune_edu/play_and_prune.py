@@ -255,7 +255,8 @@ class PlayAndPrune:
 
 # %% ../nbs/api/13_play_and_prune.ipynb #9a6120e5
 @patch
-def start(self: PlayAndPrune, learn: Learner) -> None:
+def start(self: PlayAndPrune, learn: Learner, # the fastai `Learner`, as its first fit with the run begins
+          ) -> None:
     "Check the model, measure the baseline, put a copy of the model in `learn`, take the first checkpoint, record t = 0"
     check_finite(learn.model, "PlayAndPrune")           # a dead model must not be trained, measured and accepted
     self._analyse(learn)                                  # nothing to prune is an error too, before any work
@@ -275,7 +276,8 @@ def start(self: PlayAndPrune, learn: Learner) -> None:
     self._next_candidates(learn)
 
 @patch
-def resume(self: PlayAndPrune, learn: Learner) -> None:
+def resume(self: PlayAndPrune, learn: Learner, # the fastai `Learner`, as a later fit begins
+           ) -> None:
     "Continue a paused run in a new `fit`: same baseline, controller and iteration budget, a checkpoint of this fit's optimiser"
     check_finite(learn.model, "PlayAndPrune")
     self._analyse(learn)
@@ -413,7 +415,8 @@ def _remove(self: PlayAndPrune, learn: Learner, plan: dict) -> int:
 
 # %% ../nbs/api/13_play_and_prune.ipynb #742026e3
 @patch
-def end_phase(self: PlayAndPrune, learn: Learner) -> bool:
+def end_phase(self: PlayAndPrune, learn: Learner, # the fastai `Learner`, after the last batch of a phase
+              ) -> bool:
     "One iteration: remove negligible candidates, measure, accept / recover / roll back, update the controller"
     self.iter += 1
     mode, tried = self.mode, sum(len(v) for v in self.cand.values())
@@ -470,7 +473,8 @@ def _settle(self: PlayAndPrune, learn: Learner) -> None:
     self._measure(learn)
 
 @patch
-def count_batch(self: PlayAndPrune, learn: Learner) -> bool:
+def count_batch(self: PlayAndPrune, learn: Learner, # the fastai `Learner`, after a training batch
+                ) -> bool:
     "Count a training batch; after the last batch of a phase run one iteration (`end_phase`). False once the loop has stopped"
     self.batches += 1
     if self.done: self.tail += 1; return False            # batches after the loop fine-tune its final model
@@ -481,7 +485,8 @@ def count_batch(self: PlayAndPrune, learn: Learner) -> bool:
 
 # %% ../nbs/api/13_play_and_prune.ipynb #1e265954
 @patch
-def end_fit(self: PlayAndPrune, learn: Learner) -> None:
+def end_fit(self: PlayAndPrune, learn: Learner, # the fastai `Learner`, as its fit ends
+            ) -> None:
     "When a `fit` ends, leave an accepted model in `learn`: a paused run's model or its last accepted one; a fine-tuned final model or the final one"
     if not self.started: return
     if self.done:
@@ -495,7 +500,8 @@ def end_fit(self: PlayAndPrune, learn: Learner) -> None:
     self._record("paused", self.acc, 0, phase="paused")
 
 @patch
-def check_fine_tuning(self: PlayAndPrune, learn: Learner) -> None:
+def check_fine_tuning(self: PlayAndPrune, learn: Learner, # the fastai `Learner`, after training that followed the loop
+                      ) -> None:
     "After training that followed the loop: keep the fine-tuned model if it is within the tolerance, else put the final one back"
     acc = _acc(learn) if _finite(learn.model) else -math.inf
     kept = acc >= self.floor - 1e-12
@@ -506,7 +512,7 @@ def check_fine_tuning(self: PlayAndPrune, learn: Learner) -> None:
     self._record("fine-tuned" if kept else "fine-tune discarded", self.acc, 0, phase="fine-tune")
 
 @patch
-def finish(self: PlayAndPrune, learn: Learner,
+def finish(self: PlayAndPrune, learn: Learner, # the fastai `Learner` holding the run's model
            reason: str = "stopped by the caller", # why the run stops (kept in `stop_reason`)
           ) -> None:
     "Stop the run for good, between fits: the model in `learn` (the one `end_fit` left) is recorded as `final`"
@@ -515,13 +521,15 @@ def finish(self: PlayAndPrune, learn: Learner,
     self._stop(learn)
 
 @patch
-def restore_best(self: PlayAndPrune, learn: Learner) -> None:
+def restore_best(self: PlayAndPrune, learn: Learner, # the fastai `Learner` to put the model into
+                 ) -> None:
     "Put the last accepted model back in `learn` (weights and optimiser state)"
     self._put_back_best(learn)
     self._settle(learn)
 
 @patch
-def interrupted(self: PlayAndPrune, learn: Learner) -> None:
+def interrupted(self: PlayAndPrune, learn: Learner, # the fastai `Learner` whose fit an exception left
+                ) -> None:
     "After an exception inside `fit` (Ctrl-C, a crash): the last accepted model back in `learn`, recorded as `interrupted`"
     self.restore_best(learn)
     self.tail = 0
