@@ -47,9 +47,9 @@ METHODS = ("fdnp", "ba_fdnp", "spatial", "magnitude")
 SETTINGS = {
     "lenet5": dict(model="lenet5", dataset="mnist", shape=(1, 28, 28), n_per_class=None, n_test_per_class=None,
                    valid_pct=0.1, bs=128, opt="adam", base_epochs=3, seed=0, threads=1, epochs=3, lr=1e-3,
-                   levels=[0.9, 0.95, 0.97], spread=1.0, iter_stop=0.75),
+                   levels=[0.9, 0.95, 0.98], spread=1.0, iter_stop=0.75),
     "resnet20": dict(model="resnet20", dataset="cifar10", shape=(3, 32, 32), n_per_class=1000, n_test_per_class=None,
-                     valid_pct=0.1, bs=128, opt="adam", base_epochs=8, seed=0, threads=2, epochs=2, lr=1e-3,
+                     valid_pct=0.1, bs=128, opt="adam", base_epochs=8, seed=0, threads=1, epochs=2, lr=1e-3,
                      levels=[0.9, 0.95], spread=1.0, iter_stop=0.75,
                      committed_baseline="bench/baselines/resnet20_cifar10_1k.pt"),
 }
