@@ -24,6 +24,11 @@ Protocol (everything is in SETTINGS, stored with the results):
   coefficients / non-zeros), whole-model compression (conv + linear weights), theoretical speed-up of the conv layers
   with and without the input transform (see `fdnp_costs`), wall time.
 
+Plan as run (December 2026, a 2-core machine shared by five jobs; a LeNet-5 row took 7-23 minutes of wall time, a
+ResNet-20 row about 10): LeNet-5 at 90%, 95% and 98% (98% replaced the planned 97%: it separates the methods more),
+all four methods; ResNet-20 at 90% only, and only the methods that finished before the session ended (its baseline
+alone took 55 minutes). `python bench/fdnp.py resnet20` adds the missing rows from the committed baseline.
+
 One seed per row (CPU budget): on the 10,000-image test set a difference of 0.1 point is 10 images, within seed noise.
 A run resumes from the rows already recorded for the same settings (a partial file in the cache, else the results);
 levels can be added without losing the rows already measured.
