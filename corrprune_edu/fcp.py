@@ -381,16 +381,18 @@ def plot_fcp(logs: dict, # label -> FCP log (DataFrame), e.g. {"FCP": log, "naiv
             ):
     "Validation accuracy right after each drop and after fine-tuning, against the MACs reduction; returns the figure"
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for label, log in logs.items():
         x = 100 * log.macs_reduction
         axes[0].plot(log["round"], 100 * log.acc_after_drop, "o-", label=f"{label}: right after the drop")
         axes[0].plot(log["round"], 100 * log.acc_after_finetune, "s--", label=f"{label}: after fine-tuning")
         axes[1].plot(x, 100 * log.acc_after_finetune, "o-", label=label)
-    axes[0].set_xlabel("round"); axes[0].set_ylabel("validation accuracy (%)"); axes[0].legend(fontsize=7)
-    axes[1].set_xlabel("MACs removed (%)"); axes[1].set_ylabel("validation accuracy after fine-tuning (%)"); axes[1].legend(fontsize=8)
     for ax in axes:
-        if base_acc is not None: ax.axhline(100 * base_acc, color="grey", lw=0.8, ls=":")
+        if base_acc is not None: ax.axhline(100 * base_acc, color="grey", lw=0.8, ls=":", label="baseline")
         ax.grid(alpha=0.3)
+    axes[0].set_xlabel("round"); axes[0].set_ylabel("validation accuracy (%)"); axes[0].legend(fontsize=7)
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))            # rounds are whole numbers
+    axes[1].set_xlabel("MACs removed (%)"); axes[1].set_ylabel("validation accuracy after fine-tuning (%)"); axes[1].legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -669,6 +669,7 @@ def plot_play_and_prune(run, # a `PlayAndPrune` run, or its `frame()`
                        ):
     "Accuracy vs floor, λ_t and W_t, filters per layer and MACs per iteration; returns the figure"
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     h = run.frame() if hasattr(run, "frame") else run
     if upto is not None: h = h.iloc[:upto + 1]
     base_acc = h.acc.iloc[0]
@@ -694,7 +695,8 @@ def plot_play_and_prune(run, # a `PlayAndPrune` run, or its `frame()`
     ax.plot(h.t, 100 * h.macs / h.macs.iloc[0], "-", color="tab:brown", label="MACs")
     ax.plot(h.t, 100 * h.params / h.params.iloc[0], "--", color="tab:grey", label="parameters")
     ax.set_ylabel("% of baseline"); ax.set_ylim(0, 105); ax.legend(fontsize=7); ax.set_title("cost left", fontsize=9)
-    for ax in axes: ax.set_xlabel("iteration t"); ax.grid(alpha=0.3)
+    axes[2].yaxis.set_major_locator(MaxNLocator(integer=True))          # whole filters
+    for ax in axes: ax.set_xlabel("iteration t"); ax.grid(alpha=0.3); ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title: fig.suptitle(title)
     fig.tight_layout()
     return fig
