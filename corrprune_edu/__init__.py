@@ -11,6 +11,7 @@ Modules:
 - `corrprune_edu.criteria`: Magnitude (L1-norm) and random filter selection: the baselines every correlation method must beat, as plans
 - `corrprune_edu.data`: Real MNIST and CIFAR-10 as fastai `DataLoaders`: stratified seeded subsets, a validation split carved from the training set, and a small MNIST subset shipped inside the package
 - `corrprune_edu.demo`: What `make demo` (the `corrprune-demo` command) runs: train LeNet-5 on the MNIST subset shipped with the package, report its costs, prune it with FCP and compare
+- `corrprune_edu.distributed`: Prune inside fastai's distributed training: every process makes the same decision, surgery re-wraps the model in a new DistributedDataParallel, and rank 0 saves
 - `corrprune_edu.fcp`: Pick the most correlated filter pairs, train them to be even more correlated, drop one of each pair, fine-tune, repeat (Singh et al., WACV 2020)
 - `corrprune_edu.flops`: MACs, parameters and measured latency, per layer and in total
 - `corrprune_edu.models`: The networks the pruning papers use: Caffe LeNet-5, VGG-16 for CIFAR and the CIFAR ResNets, randomly initialised

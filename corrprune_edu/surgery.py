@@ -60,7 +60,7 @@ def check_plan(analysis: ChannelAnalysis, # from `analyze_channels` on the model
 
 # %% ../nbs/api/06a_surgery.ipynb #11540994
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 def _sync_attributes(m: nn.Module, depthwise: bool):
     "Update a module's channel counts from its (sliced) tensors"
