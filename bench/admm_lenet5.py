@@ -5,18 +5,20 @@
     python bench/admm_lenet5.py --methods admm,progressive --rates 167 --budget 16
     CORRPRUNE_THREADS=1 python bench/admm_lenet5.py --rates 167 & CORRPRUNE_THREADS=1 python bench/admm_lenet5.py --rates 71
                                                              # two processes may share the results file (it is locked)
+    python bench/admm_lenet5.py --filters                    # structured ADMM against FCP / L1 / random at equal MACs
 
 Protocol (the same for every method and rate):
 * Baseline: `cached_baseline("lenet5", "mnist", epochs=3, seed=0)` (the one bench/lenet5_mnist.py uses): Caffe
   LeNet-5 (20-50-500-10, 430,500 conv/fc weights) trained on 54,000 images, validated on 6,000, tested on 10,000.
 * Targets: non-zeros per layer from `corrprune_edu.admm.LENET5_KEEP` (PROPOSAL; 71x is the direct-ADMM code's
   80 / 92 / 99.1 / 93% split), the same for every method, so every row at a rate has exactly the same non-zeros.
-* Budget: every method gets `--budget` epochs of training after the baseline (Adam, the learner's preset; one-cycle
-  schedules), however it spends them:
+* Budget: every method gets `--budget` epochs of training after the baseline (one-cycle schedules; retraining with
+  Adam at lr 1e-3, the learner's preset), however it spends them:
   - `oneshot`: mask the smallest weights once, retrain `budget` epochs with the masks kept (Han et al. 2015);
   - `gradual`: Zhu & Gupta's cubic schedule over the first 60% of a `budget`-epoch fit (20 pruning steps), then
     retraining at the final rate;
-  - `admm`: direct ADMM, `budget/2` epochs of ADMM (an ADMM iteration every quarter epoch; rho from 0.05, x1.3 per
+  - `admm`: direct ADMM, `budget/2` epochs of ADMM (SGD with momentum 0.9 at lr 0.02, as the authors' PyTorch code
+    uses SGD for ADMM and Adam for retraining; an ADMM iteration every quarter epoch; rho from 0.1, x1.3 per
     iteration, at most 1), hard pruning, `budget/2` epochs of masked retraining;
   - `progressive`: three stages of `budget/3` epochs each (half ADMM, half masked retraining, same ADMM settings);
     each stage starts from the previous one (a pool of one: `progressive_admm` keeps more, but with three stages
@@ -25,8 +27,17 @@ Protocol (the same for every method and rate):
 * Methods decide only on the validation split; the test set is read once per row, at the end.
 * One row per method and rate in bench/results/admm_lenet5.json (see corrprune_edu.results), written as each row
   finishes: non-zeros per layer, compression, test/valid accuracy, accuracy right after pruning, epochs, seconds.
+
+`--filters` (structured ADMM, the filter projection): at the filter counts FCP chose in bench/lenet5_mnist.py
+(levels 90 / 94 / 96% fewer MACs: 4-10, 3-6, 2-5 filters in conv1-conv2), with that benchmark's budget of 4 epochs:
+2 epochs of ADMM (the settings above) whose Z keeps whole filters, surgery along the resulting channel plan, then
+2 epochs of one-cycle fine-tuning with Adam at lr 1e-3 (that benchmark's fine-tuning). Rows go to bench/results/admm_filters_lenet5.json;
+bench/summarize.py shows them next to FCP, L1 and random from bench/results/lenet5_mnist.json at the same level.
 """
 import argparse, fcntl, time
+from functools import partial
+
+from fastai.optimizer import SGD
 from pathlib import Path
 
 from corrprune_edu.admm import LENET5_KEEP, admm_prune, geometric_stages, progressive_admm
@@ -36,8 +47,8 @@ from corrprune_edu.sparse import GradualMagnitudeCallback, apply_masks, magnitud
 from corrprune_edu.train import accuracy_on, cached_baseline, evaluate, quiet
 
 BASELINE = dict(model="lenet5", dataset="mnist", epochs=3, seed=0)
-LR = 1e-3               # peak one-cycle learning rate of every phase (Adam)
-ADMM = dict(rho=0.05, rho_growth=1.3, rho_max=1.0, per_epoch=4)   # rho grows 1.3x per ADMM iteration, 4 iterations an epoch
+LR = 1e-3               # peak one-cycle learning rate of retraining and magnitude pruning (Adam)
+ADMM = dict(rho=0.1, rho_growth=1.3, rho_max=1.0, per_epoch=4, lr=0.02, opt="SGD(mom=0.9)")   # rho x1.3 per ADMM iteration
 N_STAGES = 3
 GRADUAL = dict(end=0.6, n_steps=20)
 
@@ -57,8 +68,9 @@ def stages(rate):
 
 
 def admm_kwargs(learn):
-    return dict(rho=ADMM["rho"], rho_growth=ADMM["rho_growth"], rho_max=ADMM["rho_max"],
-                update_every=len(learn.dls.train) // ADMM["per_epoch"])
+    "The ADMM phase's settings for `admm_prune` / `progressive_admm` / `admm_channel_plan`"
+    return dict(rho=ADMM["rho"], rho_growth=ADMM["rho_growth"], rho_max=ADMM["rho_max"], lr=ADMM["lr"],
+                admm_opt_func=partial(SGD, mom=0.9), update_every=len(learn.dls.train) // ADMM["per_epoch"])
 
 
 def run_oneshot(learn, n_keep, budget):
@@ -76,7 +88,7 @@ def run_gradual(learn, n_keep, budget):
 
 def run_admm(learn, n_keep, budget):
     with quiet(learn): res = admm_prune(learn, n_keep=n_keep, admm_epochs=budget // 2, retrain_epochs=budget - budget // 2,
-                                        lr=LR, **admm_kwargs(learn))
+                                        retrain_lr=LR, **admm_kwargs(learn))
     h = res.history
     return dict(valid_acc_after_prune=res.valid_acc_pruned,
                 admm_iterations=h.groupby("iteration").agg(rel_gap=("rel_gap", "mean"), valid_acc=("valid_acc", "first"),
@@ -86,8 +98,37 @@ def run_admm(learn, n_keep, budget):
 def run_progressive(learn, n_keep, budget, rate):
     per = budget // N_STAGES
     with quiet(learn): log = progressive_admm(learn, stages(rate), admm_epochs=per // 2, retrain_epochs=per - per // 2,
-                                              keep_best=1, lr=LR, **admm_kwargs(learn))
+                                              keep_best=1, retrain_lr=LR, **admm_kwargs(learn))
     return dict(valid_acc_after_prune=float(log.valid_acc_pruned.iloc[-1]), stages=log.to_dict("records"))
+
+
+def run_filters(level, filters, budget=4):
+    "Structured ADMM to `filters` (conv1, conv2 counts), surgery, fine-tuning: one row in lenet5_mnist.json's format"
+    from corrprune_edu.admm import admm_channel_plan
+    from corrprune_edu.checkpoint import prune_learner
+    from corrprune_edu.core import describe_counts, filter_counts
+    from corrprune_edu.flops import count_macs, count_params
+    base = baseline()
+    learn, t0 = baseline(), time.perf_counter()
+    set_seed(0)
+    admm_epochs = budget // 2
+    with quiet(learn):
+        plan, cb = admm_channel_plan(learn, {"conv1": filters[0], "conv2": filters[1]}, admm_epochs=admm_epochs, **admm_kwargs(learn))
+    prune_learner(learn, plan, (1, 28, 28))
+    after = accuracy_on(learn.model, learn.dls.valid)
+    with quiet(learn): learn.fit_one_cycle(budget - admm_epochs, LR, reset_opt=True)
+    m0, p0, m1, p1 = (count_macs(base.model, (1, 28, 28)), count_params(base.model),
+                      count_macs(learn.model, (1, 28, 28)), count_params(learn.model))
+    r = dict(method="admm_filter", level=level, filters=describe_counts(filter_counts(learn.model)),
+             base_acc=base.baseline["test_acc"], base_valid_acc=base.baseline["valid_acc"],
+             test_acc=evaluate(learn, "test"), valid_acc=evaluate(learn, "valid"), macs=m1, params=p1,
+             macs_reduction=1 - m1 / m0, params_reduction=1 - p1 / p0, epochs=budget,
+             seconds=round(time.perf_counter() - t0, 1), valid_acc_after_prune=after)
+    r["acc_drop_points"] = round(100 * (r["base_acc"] - r["test_acc"]), 2)
+    return r
+
+
+FILTER_LEVELS = {0.9: (4, 10), 0.94: (3, 6), 0.96: (2, 5)}   # FCP's counts in bench/results/lenet5_mnist.json
 
 
 METHODS = {"oneshot": run_oneshot, "gradual": run_gradual, "admm": run_admm, "progressive": run_progressive}
@@ -117,7 +158,21 @@ def main():
     ap.add_argument("--rates", default="20,71,167")
     ap.add_argument("--budget", type=int, default=12, help="training epochs after the baseline, for every method (a multiple of 6)")
     ap.add_argument("--out", default=str(Path(__file__).parent/"results"/"admm_lenet5.json"))
+    ap.add_argument("--filters", action="store_true", help="structured ADMM at FCP's filter counts instead (see above)")
     args = ap.parse_args()
+    if args.filters:
+        set_threads()
+        out = str(Path(__file__).parent/"results"/"admm_filters_lenet5.json")
+        for level, filters in FILTER_LEVELS.items():
+            r = run_filters(level, filters)
+            print(f"{level:.2f} admm_filter {r['filters']:>14}  MACs -{100*r['macs_reduction']:.1f}%  test {100*r['test_acc']:.2f}% "
+                  f"({-r['acc_drop_points']:+.2f} pts)  right after surgery (valid) {100*r['valid_acc_after_prune']:.2f}%  {r['seconds']:.0f}s", flush=True)
+            with open(out + ".lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                record_run(out, "admm_filters_lenet5", [r], dict(baseline=BASELINE, budget_epochs=4, admm_epochs=2, lr=LR,
+                           admm=ADMM, protocol="filter counts of FCP's rows in lenet5_mnist.json; same baseline and 4-epoch budget"),
+                           description="LeNet-5 on full MNIST: structured ADMM (filter projection -> channel plan -> surgery) at FCP's filter counts, against FCP / L1 / random at equal MACs.")
+        return
     if args.budget % (2 * N_STAGES): ap.error(f"--budget must be a multiple of {2 * N_STAGES} (progressive: {N_STAGES} stages, each half ADMM, half retraining)")
     threads = set_threads()
     base = baseline()

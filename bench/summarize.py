@@ -47,10 +47,18 @@ def weight_pruning_table(name: str) -> pd.DataFrame:
     return out.assign(_r=df.rate, _m=df.method.map(order)).sort_values(["_r", "_m"]).drop(columns=["_r", "_m"])
 
 
+def filter_admm_table() -> pd.DataFrame:
+    "Structured ADMM next to the filter methods of lenet5_mnist.json at the same levels (same filter counts, same budget)"
+    ours = accuracy_table("admm_filters_lenet5")
+    theirs = accuracy_table("lenet5_mnist")
+    same = theirs[theirs.level.isin(ours.level) & theirs.method.isin(["fcp", "l1", "random"])]
+    return pd.concat([ours, same]).sort_values(["level", "method"], kind="stable")
+
+
 TABLES = {"lenet5_mnist": lambda: accuracy_table("lenet5_mnist"),
           "resnet20_cifar10": lambda: accuracy_table("resnet20_cifar10"),
           "surgery_speed": surgery_speed, "surgery_latency": surgery_latency,
-          "admm_lenet5": lambda: weight_pruning_table("admm_lenet5")}
+          "admm_lenet5": lambda: weight_pruning_table("admm_lenet5"), "admm_filters_lenet5": filter_admm_table}
 
 
 def markdown(df: pd.DataFrame) -> str:

@@ -9,12 +9,14 @@ from torch import nn
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.training import GradientAccumulation
 
-from corrprune_edu.admm import ADMMCallback, admm_init, admm_penalty, admm_prune, admm_update, progressive_admm, project_topk
+from corrprune_edu.admm import (ADMMCallback, admm_channel_plan, admm_init, admm_penalty, admm_prune, admm_update,
+                                progressive_admm, project_filters, project_topk)
 from corrprune_edu.core import set_seed
 from corrprune_edu.data import embedded_mnist_dls
 from corrprune_edu.models import lenet5
 from corrprune_edu.sparse import apply_masks, magnitude_masks, masks_equal, masks_from_zeros, sparsity_report
 from corrprune_edu.checkpoint import prune_learner
+from corrprune_edu.core import filter_counts
 from corrprune_edu.train import make_learner, quiet
 
 
@@ -210,3 +212,30 @@ def test_progressive_pool(dls):
     with quiet(learn := trained(dls)): chain = progressive_admm(learn, stages[:3], admm_epochs=1, retrain_epochs=0, keep_best=1, lr=1e-3)
     assert chain.started_from.tolist() == ["dense", "stage 1", "stage 2"]
     with pytest.raises(ValueError, match=r"stages\[1\]"): progressive_admm(learn, [{"fc1": 100}, {"fc1": 200}])
+
+
+# -- structured ADMM --------------------------------------------------------------------------------------------
+
+def test_filter_projection_is_the_nearest_filter_sparse_tensor():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 3, 2, generator=g)
+    for k in range(0, 6):
+        best = min(torch.dist(w, w * torch.tensor([i in s for i in range(5)], dtype=w.dtype).view(-1, 1, 1))
+                   for s in itertools.combinations(range(5), k))
+        p = project_filters(w, k)
+        assert int(p.flatten(1).abs().sum(1).gt(0).sum()) == k
+        assert torch.dist(w, p) == pytest.approx(float(best))
+
+
+def test_channel_plan_from_filter_admm(dls):
+    learn = trained(dls)
+    with quiet(learn):
+        plan, cb = admm_channel_plan(learn, {"conv1": 12, "conv2": 30}, admm_epochs=1, lr=1e-3, rho=0.05, update_every=4)
+    assert {k: len(v) for k, v in plan.items()} == {"conv1": 8, "conv2": 20}
+    hard = cb.hard_masks()
+    assert sorted(plan["conv2"]) == torch.nonzero(~hard["conv2.weight"].flatten(1).any(1)).flatten().tolist()
+    gaps = cb.history.pivot(index="iteration", columns="param", values="rel_gap")
+    assert (gaps.iloc[-1] < gaps.iloc[0]).all()
+    prune_learner(learn, plan)
+    assert list(filter_counts(learn.model).values()) == [12, 30, 500, 10]
+    with pytest.raises(ValueError, match="structure"): ADMMCallback(0.5, structure="rows")
