@@ -2,15 +2,17 @@
 no optimiser rebuild, nothing during lr_find, penalty scaled under GradientAccumulation), masked ADMM, errors before
 any work, and the progressive pool."""
 import copy, itertools
+from functools import partial
 
 import pytest
 import torch
 from torch import nn
 from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.training import GradientAccumulation
+from fastai.optimizer import SGD, momentum_step, adam_step
 
 from corrprune_edu.admm import (ADMMCallback, admm_channel_plan, admm_init, admm_penalty, admm_prune, admm_update,
-                                progressive_admm, project_filters, project_topk)
+                                optimizer_for, progressive_admm, project_filters, project_topk)
 from corrprune_edu.core import set_seed
 from corrprune_edu.data import embedded_mnist_dls
 from corrprune_edu.models import lenet5
@@ -239,3 +241,19 @@ def test_channel_plan_from_filter_admm(dls):
     prune_learner(learn, plan)
     assert list(filter_counts(learn.model).values()) == [12, 30, 500, 10]
     with pytest.raises(ValueError, match="structure"): ADMMCallback(0.5, structure="rows")
+
+
+def test_optimizer_for_the_admm_phase_only(dls):
+    learn = trained(dls)
+    adam = learn.opt_func
+    with quiet(learn), optimizer_for(learn, partial(SGD, mom=0.9)):
+        learn.fit(1, 0.01, cbs=ADMMCallback(0.8, rho=0.05), reset_opt=True)
+        assert momentum_step in learn.opt.cbs and adam_step not in learn.opt.cbs
+    assert learn.opt_func is adam
+    with pytest.raises(RuntimeError):
+        with optimizer_for(learn, partial(SGD, mom=0.9)): raise RuntimeError("a failed fit")
+    assert learn.opt_func is adam                                  # restored after a failure too
+    with quiet(learn): res = admm_prune(learn, 0.8, admm_epochs=1, retrain_epochs=1, lr=0.01, retrain_lr=1e-3,
+                                        admm_opt_func=partial(SGD, mom=0.9), rho=0.05)
+    assert adam_step in learn.opt.cbs                                # retraining ran with the learner's Adam
+    assert learn.opt_func is adam and res.epochs == 2
