@@ -6,7 +6,7 @@ Modules:
 - `corrprune_edu.channels`: Which channels are coupled to which layers: run the model once, follow every channel through every operation, and group the channels that can only be pruned together
 - `corrprune_edu.checkpoint`: Prune a fastai `Learner`'s model in the middle of `fit` without losing the optimiser's hyper-parameters or state, and save and load pruned models
 - `corrprune_edu.cop`: Customised pruning: remove the channels the next layer reads alike, weighted by what their layers cost in parameters or FLOPs, globally and one filter at a time (Wang et al., IJCAI 2019)
-- `corrprune_edu.core`: Seeding, threads, the cache folder and the helpers every other module leans on
+- `corrprune_edu.core`: Argument checks, seeding, threads, the cache folder, the tie rule, the finiteness check: the helpers every other module leans on
 - `corrprune_edu.correlation`: How alike two filters are: Pearson and cosine similarity of their weights, how the next layer reads them (COP), and how their activations move together
 - `corrprune_edu.criteria`: Magnitude (L1-norm) and random filter selection: the baselines every correlation method must beat, as plans
 - `corrprune_edu.data`: Real MNIST and CIFAR-10 as fastai `DataLoaders`: stratified seeded subsets, a validation split carved from the training set, and a small MNIST subset shipped inside the package

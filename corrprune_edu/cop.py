@@ -16,9 +16,11 @@ import pandas as pd
 import torch
 from torch import nn
 from fastai.callback.core import Callback
+from fastai.callback.schedule import LRFinder
 from fastcore.basics import patch
 from fastcore.meta import delegates
 
+from .core import check_finite, check_int, check_number, stable_argmin
 from .correlation import cop_matrix
 from .criteria import select_groups
 from .flops import CostModel
@@ -32,27 +34,23 @@ __all__ = ['NORMALIZERS', 'TABLE4_SETTINGS', 'normalize_correlation', 'redundanc
 # %% ../nbs/api/12_cop.ipynb #c44e6bda
 NORMALIZERS = ("max", "l1", "l2")
 
-def _square(corr) -> np.ndarray:
+def _square(corr, who: str) -> np.ndarray:
+    "`corr` as a finite, square float64 array"
     r = corr.detach().double().cpu().numpy() if isinstance(corr, torch.Tensor) else np.array(corr, dtype=np.float64)
-    if r.ndim != 2 or r.shape[0] != r.shape[1]: raise ValueError(f"corr must be a square matrix, got shape {r.shape}")
-    return r
+    if r.ndim != 2 or r.shape[0] != r.shape[1]: raise ValueError(f"{who}: corr must be a square (C, C) matrix, got shape {r.shape}")
+    return check_finite(r, who, what="correlations")
 
 def normalize_correlation(corr, # (C, C) correlation matrix of one layer (tensor or array)
                           method: str = "max", # 'max', 'l1' or 'l2'
                          ) -> np.ndarray:
     "`corr` over its largest off-diagonal entry ('max'), half their sum ('l1') or their Frobenius norm ('l2')"
-    if method not in NORMALIZERS: raise ValueError(f"normalize must be one of {NORMALIZERS}, got {method!r}")
-    r = _square(corr)
+    if method not in NORMALIZERS: raise ValueError(f"normalize_correlation: method must be one of {NORMALIZERS}, got {method!r}")
+    r = _square(corr, "normalize_correlation")
     off = np.abs(r[~np.eye(len(r), dtype=bool)])
     d = {"max": off.max(initial=0.0), "l1": off.sum() / 2, "l2": np.sqrt((off**2).sum())}[method]
     return r / d if d > 0 else r
 
 # %% ../nbs/api/12_cop.ipynb #f897e1d8
-def _int(name, v, low):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
-    return int(v)
-
 def _topk_columns(r: np.ndarray, cols: np.ndarray, k: int):
     "Mean and smallest of the `k` largest off-diagonal entries of the columns `cols` of `r`"
     if k == 0: return np.zeros(len(cols)), np.full(len(cols), np.inf)
@@ -65,8 +63,8 @@ def redundancy(corr, # (C, C) normalised correlation matrix
                top_k: int = 3, # how many of a channel's largest correlations to average
               ) -> np.ndarray:
     "COP's redundancy of every channel: the mean of its `top_k` largest correlations with the *other* channels"
-    r = _square(corr)
-    return _topk_columns(r, np.arange(len(r)), min(_int("top_k", top_k, 1), len(r) - 1))[0]
+    r = _square(corr, "redundancy")
+    return _topk_columns(r, np.arange(len(r)), min(check_int(top_k, "top_k", 1, "redundancy"), len(r) - 1))[0]
 
 # %% ../nbs/api/12_cop.ipynb #64e61805
 def _cost_terms(P: np.ndarray, F: np.ndarray):
@@ -85,15 +83,16 @@ class COP:
                  groups="all", # what to prune (see `select_groups`): 'all', 'untied', group names or a predicate
                  analysis: ChannelAnalysis | None = None, # reuse an analysis of `model` (skips tracing)
                 ):
-        if normalize not in NORMALIZERS: raise ValueError(f"normalize must be one of {NORMALIZERS}, got {normalize!r}")
-        self.top_k, self.normalize = _int("top_k", top_k, 1), normalize
+        if normalize not in NORMALIZERS: raise ValueError(f"COP: normalize must be one of {NORMALIZERS}, got {normalize!r}")
+        self.top_k, self.normalize = check_int(top_k, "top_k", 1, "COP"), normalize
+        check_finite(model, "COP")
         if analysis is None:
-            if example_input is None: raise ValueError("pass example_input (a batch, or one input's shape such as (3, 32, 32)) or analysis")
+            if example_input is None: raise ValueError("COP: pass example_input (a batch, or one input's shape such as (3, 32, 32)) or analysis")
             analysis = analyze_channels(model, example_input)
         self.analysis = analysis
         self.groups = select_groups(analysis, groups, layer_types, model)
         if not self.groups:
-            raise ValueError(f"no prunable channel group has a producer of type {[t.__name__ for t in layer_types]}; "
+            raise ValueError(f"COP: no prunable channel group has a producer of type {[t.__name__ for t in layer_types]}; "
                              "pass layer_types=(nn.Conv2d, nn.Linear) to score hidden linear layers")
         self.names = [g.name for g in self.groups]
         with torch.no_grad():
@@ -114,11 +113,10 @@ class COP:
                                  params=P.astype(np.int64), flops=F.astype(np.int64), p=p, f=f))
 
 # %% ../nbs/api/12_cop.ipynb #50d5a81f
-def _check_coefficients(alpha, beta, gamma):
-    for name, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-    if alpha == beta == gamma == 0: raise ValueError("alpha, beta and gamma are all 0: at least one must be positive")
+def _check_coefficients(alpha, beta, gamma, who: str):
+    "alpha, beta, gamma: finite numbers >= 0, not all 0"
+    for name, v in (("alpha", alpha), ("beta", beta), ("gamma", gamma)): check_number(v, name, 0, who=who)
+    if alpha == beta == gamma == 0: raise ValueError(f"{who}: alpha, beta and gamma are all 0: at least one must be positive")
 
 @patch
 def scores(self: COP, alpha: float = 1.0, # weight of redundancy
@@ -126,7 +124,7 @@ def scores(self: COP, alpha: float = 1.0, # weight of redundancy
             gamma: float = 0.0, # weight of parameters
            ) -> pd.DataFrame:
     "Per-filter table before any cut: layer, index, redundancy s, cost terms f and p, importance (lowest goes first)"
-    _check_coefficients(alpha, beta, gamma)
+    _check_coefficients(alpha, beta, gamma, "COP.scores")
     frames = []
     for r, row in zip(self.corr, self.cost_terms().itertuples()):
         s = redundancy(r, self.top_k)
@@ -138,17 +136,15 @@ def scores(self: COP, alpha: float = 1.0, # weight of redundancy
 # %% ../nbs/api/12_cop.ipynb #bc3ac339
 _TARGETS = ("amount", "macs_reduction", "params_reduction")
 
-def _target(**given):
+def _target(who: str, **given):
     "The one stopping rule given, checked: (name, value)"
     given = {k: v for k, v in given.items() if v is not None}
-    if len(given) != 1: raise ValueError(f"give exactly one of {', '.join(_TARGETS)} (got {sorted(given) or 'none'})")
+    if len(given) != 1: raise ValueError(f"{who}: give exactly one of {', '.join(_TARGETS)} (got {sorted(given) or 'none'})")
     (what, value), = given.items()
     if what == "amount" and isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return what, _int("amount", value, 0)                        # an int amount: a number of filters
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not 0 <= value < 1:
-        kind = "a fraction in [0, 1) or an int number of filters" if what == "amount" else "a fraction in [0, 1)"
-        raise ValueError(f"{what} must be {kind}, got {value!r}")
-    return what, float(value)
+        return what, check_int(value, "amount", 0, who)                 # an int amount: a number of filters
+    hint = "Pass a fraction such as 0.3, or an int number of filters." if what == "amount" else "Pass a fraction such as 0.5."
+    return what, check_number(value, what, 0, 1, who, high_open=True, hint=hint)
 
 @patch
 def select(self: COP, amount: float | int | None = None, # fraction of the scored layers' filters to remove (COP's `prune_rate`), or an int number of filters
@@ -160,9 +156,9 @@ def select(self: COP, amount: float | int | None = None, # fraction of the score
             min_channels: int = 1, # never cut a group below this many channels
            ) -> pd.DataFrame:
     "COP's global greedy selection: one row per cut, in order, with the model's MACs and parameters after it"
-    _check_coefficients(alpha, beta, gamma)
-    min_channels = _int("min_channels", min_channels, 1)
-    what, value = _target(amount=amount, macs_reduction=macs_reduction, params_reduction=params_reduction)
+    _check_coefficients(alpha, beta, gamma, "COP.select")
+    min_channels = check_int(min_channels, "min_channels", 1, "COP.select", "A group must keep at least one channel.")
+    what, value = _target("COP.select", amount=amount, macs_reduction=macs_reduction, params_reduction=params_reduction)
     budget = (value if isinstance(value, int) else math.floor(value * self.filters)) if what == "amount" else None
     R = [r.copy() for r in self.corr]
     K = [min(self.top_k, len(r) - 1) for r in R]
@@ -177,17 +173,17 @@ def select(self: COP, amount: float | int | None = None, # fraction of the score
         return removed >= budget
     while not reached():
         p_hat, f_hat = _cost_terms(*self.costs.group_costs(size))
-        best = None
-        for gi in np.flatnonzero(n_alive > min_channels):
-            imp = np.where(alive[gi], alpha * (1 - s[gi]), np.inf)
-            c = int(np.argmin(imp))
-            total = imp[c] + beta * (1 - f_hat[gi]) + gamma * (1 - p_hat[gi])
-            if best is None or total < best[0]: best = (total, gi, c)
-        if best is None:
+        open_groups = np.flatnonzero(n_alive > min_channels)
+        if not len(open_groups):
             warnings.warn(f"COP stopped after {removed} filters: every scored group is down to min_channels={min_channels} "
                           f"before {what}={value} was reached", stacklevel=2)
             break
-        total, gi, c = best
+        # every live filter of every open group, in (group position, channel index) order, so the tie rule picks the lowest of both
+        cands = [(gi, np.flatnonzero(alive[gi])) for gi in open_groups]
+        imps = np.concatenate([alpha * (1 - s[gi][cs]) + beta * (1 - f_hat[gi]) + gamma * (1 - p_hat[gi]) for gi, cs in cands])
+        k = stable_argmin(imps)
+        gis = np.concatenate([np.full(len(cs), gi) for gi, cs in cands]); chans = np.concatenate([cs for _, cs in cands])
+        total, gi, c = imps[k], int(gis[k]), int(chans[k])
         rows.append(dict(layer=self.names[gi], index=c, importance=total, s=s[gi][c], f=f_hat[gi], p=p_hat[gi]))
         hit = np.flatnonzero((R[gi][c] >= kth[gi]) & alive[gi])           # columns whose top-k held channel c
         R[gi][c, :] = 0; R[gi][:, c] = 0; alive[gi][c] = False; n_alive[gi] -= 1
@@ -210,6 +206,9 @@ def plan_from_selection(selection: pd.DataFrame, # as returned by `COP.select`
                         n: int | None = None, # use only the first `n` cuts (`None`: all)
                        ) -> dict[str, list[int]]:
     "The surgery plan of the first `n` cuts of a COP selection: layer name -> channel indices to remove"
+    if n is not None: n = check_int(n, "n", 0, "plan_from_selection", "Pass None to use every cut.")
+    if not {"layer", "index"} <= set(getattr(selection, "columns", ())):
+        raise TypeError("plan_from_selection: selection must be the table COP.select returns (columns 'layer' and 'index')")
     plan = {}
     for layer, idx in selection.iloc[:n][["layer", "index"]].itertuples(index=False): plan.setdefault(layer, []).append(int(idx))
     return {k: sorted(v) for k, v in plan.items()}
@@ -264,6 +263,7 @@ def customisation_table(cop: COP, # a COP of the model
                         alpha: float = 1.0, # weight of redundancy
                        ) -> pd.DataFrame:
     "Parameter and FLOPs reductions (%) at a fixed rate for each (beta, gamma), as in [COP] Table 4"
+    check_number(amount, "amount", 0, 1, "customisation_table", high_open=True, hint="Pass the fraction of filters to remove, e.g. 0.4.")
     rows = []
     for beta, gamma in settings:
         sel = cop.select(amount, alpha, beta, gamma)
@@ -279,24 +279,35 @@ class COPCallback(Callback):
                  alpha: float = 1.0, # weight of redundancy
                  beta: float = 0.0, # weight of computation (FLOPs)
                  gamma: float = 0.0, # weight of parameters
-                 at: float = 0.0, # prune at the first batch where training progress (0..1) reaches this
+                 at: float = 0.0, # prune before the first batch at which this fraction (0..1) of the fit's batches are done
                  macs_reduction: float | None = None, # instead of `amount`: remove this fraction of the MACs
                  params_reduction: float | None = None, # instead of `amount`: remove this fraction of the parameters
                  min_channels: int = 1, # never cut a group below this many channels
                  verbose: bool = False, # print one line when pruning
                  **kwargs,
                 ):
-        _check_coefficients(alpha, beta, gamma)
+        who = "COPCallback"
+        _check_coefficients(alpha, beta, gamma, who)
         self.target = dict(zip(_TARGETS, [amount, macs_reduction, params_reduction]))
-        _target(**self.target); _int("min_channels", min_channels, 1)
-        if isinstance(at, bool) or not isinstance(at, (int, float)) or not 0 <= at < 1:
-            raise ValueError(f"at must be a training fraction in [0, 1), got {at!r}")
-        if "analysis" in kwargs: raise ValueError("COPCallback analyses the learner's model itself; do not pass analysis")
-        self.alpha, self.beta, self.gamma, self.at, self.min_channels, self.verbose = alpha, beta, gamma, at, min_channels, verbose
+        _target(who, **self.target)
+        check_int(min_channels, "min_channels", 1, who, "A group must keep at least one channel.")
+        self.at = check_number(at, "at", 0, 1, who, high_open=True, hint="Pass the fraction of the fit's batches after which to prune, e.g. 0.5.")
+        if "analysis" in kwargs: raise ValueError(f"{who} analyses the learner's model itself; do not pass analysis")
+        if "top_k" in kwargs: check_int(kwargs["top_k"], "top_k", 1, who)
+        if kwargs.get("normalize", "max") not in NORMALIZERS: raise ValueError(f"{who}: normalize must be one of {NORMALIZERS}, got {kwargs['normalize']!r}")
+        self.alpha, self.beta, self.gamma, self.min_channels, self.verbose = alpha, beta, gamma, min_channels, verbose
         self.cop_kwargs, self.done, self.selection, self.plan, self.summary = kwargs, False, None, None, None
 
+    def prune_step(self) -> int:
+        "The training batch of this fit (counted from 0) before which to prune: the first with at least `at` of the batches done"
+        return math.ceil(round(self.at * self.n_epoch * self.n_iter, 6))       # round: 0.3 * 10 is 3.0000000000000004
+
     def before_batch(self):
-        if self.done or not self.training or self.pct_train < self.at: return
+        if self.done or not self.training or any(isinstance(cb, LRFinder) for cb in self.learn.cbs): return
+        if self.train_iter >= self.prune_step(): self.prune()
+
+    def prune(self):
+        "Score the current model, select COP's cuts, and prune the learner (optimiser rebuilt with its hyper-parameters)"
         x = learner_example(self.learn)
         cop = COP(self.learn.model, x, **self.cop_kwargs)
         self.selection = cop.select(alpha=self.alpha, beta=self.beta, gamma=self.gamma, min_channels=self.min_channels, **self.target)
@@ -304,8 +315,9 @@ class COPCallback(Callback):
         info = prune_learner(self.learn, self.plan, example_input=x)
         last = self.selection.iloc[-1] if len(self.selection) else None
         self.summary = dict(info, macs_before=cop.macs, macs_after=cop.macs if last is None else int(last.macs),
-                            filters_removed=0 if last is None else int(last.filters_removed), epoch=self.epoch, pct_train=self.pct_train)
+                            filters_removed=0 if last is None else int(last.filters_removed), epoch=self.epoch,
+                            step=self.train_iter, pct_train=self.train_iter / (self.n_epoch * self.n_iter))
         self.done = True
         if self.verbose:
-            print(f"COP at {self.pct_train:.0%} of training: {self.summary['filters_removed']} filters removed, "
+            print(f"COP at {self.summary['pct_train']:.0%} of training: {self.summary['filters_removed']} filters removed, "
                   f"MACs {cop.macs:,} -> {self.summary['macs_after']:,}, params {info['params_before']:,} -> {info['params_after']:,}")

@@ -1,6 +1,7 @@
-"""Seeding, threads, the cache folder and the helpers every other module leans on
+"""Argument checks, seeding, threads, the cache folder, the tie rule, the finiteness check: the helpers every other module leans on
 
-Small shared helpers: reproducible seeding, CPU threads, the cache folder, stable hashes and layer iteration.
+Small shared helpers: argument checks, reproducible seeding, CPU threads, the cache folder, stable hashes, layer
+iteration, the one tie rule every method sorts by (`stable_argsort`) and the check for NaN or infinite weights (`check_finite`).
 
 Docs: https://corrprune-edu.github.io/corrprune_edu/api/core.html.md"""
 
@@ -8,7 +9,7 @@ Docs: https://corrprune-edu.github.io/corrprune_edu/api/core.html.md"""
 
 # %% ../nbs/api/00_core.ipynb #fda6fc60
 from __future__ import annotations
-import hashlib, json, os, random
+import hashlib, json, math, os, random
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,50 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['WEIGHT_LAYERS', 'set_seed', 'set_threads', 'cache_dir', 'stable_hash', 'weight_layers', 'filter_counts',
-           'describe_counts']
+__all__ = ['WEIGHT_LAYERS', 'check_int', 'check_number', 'set_seed', 'set_threads', 'cache_dir', 'stable_hash', 'weight_layers',
+           'filter_counts', 'describe_counts', 'stable_argsort', 'stable_argmin', 'check_finite']
+
+# %% ../nbs/api/00_core.ipynb #fdda054c
+def _prefix(who: str) -> str: return f"{who}: " if who else ""
+
+def check_int(value, # the argument's value
+              name: str, # the argument's name, for the message
+              low: int = 0, # the smallest value allowed
+              who: str = "", # the function asking, named at the start of the message
+              hint: str = "", # what to do, appended to the message
+             ) -> int:
+    "`value` as a Python int, or a `TypeError` (not an integer) or `ValueError` (below `low`) naming the argument"
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{_prefix(who)}{name} must be an integer >= {low}, got {value!r} ({type(value).__name__}).{' ' + hint if hint else ''}")
+    if value < low: raise ValueError(f"{_prefix(who)}{name} must be an integer >= {low}, got {value}.{' ' + hint if hint else ''}")
+    return int(value)
+
+def check_number(value, # the argument's value
+                 name: str, # the argument's name, for the message
+                 low: float | None = None, # the smallest value allowed (`None`: no bound)
+                 high: float | None = None, # the largest value allowed (`None`: no bound)
+                 who: str = "", # the function asking, named at the start of the message
+                 low_open: bool = False, # exclude `low` itself
+                 high_open: bool = False, # exclude `high` itself
+                 hint: str = "", # what to do, appended to the message
+                ) -> float:
+    "`value` as a finite float in the range, or a `TypeError` (not a real number) or `ValueError` (NaN, infinite, out of range)"
+    lo = "-inf" if low is None else low; hi = "inf" if high is None else high
+    desc = f"a finite number in {'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+    tail = f"{' ' + hint if hint else ''}"
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{_prefix(who)}{name} must be {desc}, got {value!r} ({type(value).__name__}).{tail}")
+    v = float(value)
+    if (not math.isfinite(v) or (low is not None and (v < low or (low_open and v == low)))
+            or (high is not None and (v > high or (high_open and v == high)))):
+        raise ValueError(f"{_prefix(who)}{name} must be {desc}, got {value!r}.{tail}")
+    return v
 
 # %% ../nbs/api/00_core.ipynb #c169fa4b
-def set_seed(seed: int = 42, # seed for Python, NumPy and PyTorch
+def set_seed(seed: int = 42, # seed for Python, NumPy and PyTorch (an integer >= 0)
             ) -> None:
     "Seed every random number generator the package uses"
+    seed = check_int(seed, "seed", 0, "set_seed")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -31,8 +69,12 @@ def set_seed(seed: int = 42, # seed for Python, NumPy and PyTorch
 def set_threads(n: int | None = None, # CPU threads for PyTorch; `None` reads `CORRPRUNE_THREADS`, else 2
                ) -> int:
     "Pin PyTorch to `n` CPU threads (the machines this package targets have 2 cores) and return it"
-    n = int(n or os.environ.get("CORRPRUNE_THREADS", 2))
-    if n < 1: raise ValueError(f"set_threads: n must be at least 1, got {n}")
+    if n is None:
+        env = os.environ.get("CORRPRUNE_THREADS", "2")
+        try: n = int(env)
+        except ValueError: raise ValueError(f"set_threads: CORRPRUNE_THREADS must be a whole number of threads such as 2, got {env!r}") from None
+        n = check_int(n, "CORRPRUNE_THREADS", 1, "set_threads")
+    else: n = check_int(n, "n", 1, "set_threads")
     torch.set_num_threads(n)
     return n
 
@@ -71,3 +113,77 @@ def describe_counts(counts: dict[str, int], # as returned by `filter_counts`
                    ) -> str:
     "The short `a-b-c` form papers use for filter counts, e.g. LeNet-5's `20-50-500-10`"
     return "-".join(str(c) for c in counts.values())
+
+# %% ../nbs/api/00_core.ipynb #af61fd23
+def _default_rtol(dtype) -> float:
+    "1e-9 for float64, 100 machine epsilons for lower precision, 0 for integers"
+    if not np.issubdtype(dtype, np.floating): return 0.0
+    return max(1e-9, 100 * float(np.finfo(dtype).eps))
+
+def _scores_and_tol(scores, rtol, who: str) -> tuple[np.ndarray, float]:
+    "`scores` as a 1-D float64 array without NaN, and the tie tolerance: `rtol` x the largest finite |score|"
+    x = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores)
+    if x.ndim != 1: raise ValueError(f"{who}: scores must be 1-D (one score per item), got shape {x.shape}")
+    rtol = check_number(_default_rtol(x.dtype) if rtol is None else rtol, "rtol", 0, 1, who, high_open=True)
+    x = x.astype(np.float64)
+    if np.isnan(x).any(): raise ValueError(f"{who}: scores hold {int(np.isnan(x).sum())} NaN; compute them from finite weights (see `check_finite`)")
+    finite = np.abs(x[np.isfinite(x)])
+    return x, rtol * finite.max() if finite.size else 0.0
+
+def stable_argsort(scores, # one score per item: a 1-D tensor, array or list, in item order
+                   descending: bool = False, # largest first
+                   rtol: float | None = None, # scores closer than `rtol` x the largest finite |score| are tied; `None`: 1e-9 for float64, 100 machine epsilons otherwise
+                  ) -> np.ndarray:
+    "Indices that sort `scores`; near-equal scores are tied, and tied scores keep their order (lowest index first)"
+    x, tol = _scores_and_tol(scores, rtol, "stable_argsort")
+    if x.size == 0: return np.zeros(0, dtype=np.int64)
+    if descending: x = -x
+    order = np.argsort(x, kind="stable")
+    with np.errstate(invalid="ignore"): gaps = np.diff(x[order])
+    run = np.concatenate([[0], np.cumsum(gaps > tol)])    # a new run where a gap exceeds tol (inf - inf is NaN: same run)
+    return order[np.lexsort((order, run))]
+
+def stable_argmin(scores, # one score per item: a 1-D tensor, array or list, in item order
+                  rtol: float | None = None, # as in `stable_argsort`
+                 ) -> int:
+    "`stable_argsort(scores)[0]` without sorting: the lowest index among the scores tied with the smallest"
+    x, tol = _scores_and_tol(scores, rtol, "stable_argmin")
+    if x.size == 0: raise ValueError("stable_argmin: scores are empty; there is nothing to pick")
+    run = x <= x.min() + tol
+    while True:                                          # grow the run of ties while the next score is within tol
+        grown = x <= x[run].max() + tol
+        if grown.sum() == run.sum(): return int(np.flatnonzero(run)[0])
+        run = grown
+
+# %% ../nbs/api/00_core.ipynb #71fa9290
+def _bad_counts(t) -> tuple[int, int]:
+    "How many NaN and how many infinite entries `t` holds"
+    t = torch.as_tensor(t)
+    if not (t.is_floating_point() or t.is_complex()): return 0, 0
+    t = t.detach()
+    return int(t.isnan().sum()), int(t.isinf().sum())
+
+def check_finite(obj, # a model (its parameters and floating-point buffers), a tensor or array, or a dict name -> tensor
+                 who: str, # the function asking, named at the start of the error, e.g. 'l1_plan'
+                 layers=None, # for a model: check only these module paths (default: the whole model)
+                 what: str = "scores", # what a tensor or dict holds, for the message
+                ):
+    "Raise a `ValueError` that names every tensor holding NaN or infinity, and says what to do; return `obj` unchanged"
+    if isinstance(obj, nn.Module):
+        mods = [(n, obj.get_submodule(n)) for n in layers] if layers is not None else obj.named_modules()
+        items = {f"{n}.{k}" if n else k: t for n, m in mods
+                 for k, t in [*m._parameters.items(), *m._buffers.items()] if t is not None}
+        fix = ("Scores of a diverged model mean nothing: reload a checkpoint from before the divergence, or retrain "
+               "(e.g. with a lower learning rate; fastai's TerminateOnNaNCallback stops a fit at the first NaN loss).")
+        kind = "the model's weights are not finite"
+    else:
+        items = obj if isinstance(obj, dict) else {what: obj}
+        fix = f"Compute the {what} from finite weights and data (see `check_finite`)."
+        kind = f"the {what} are not finite"
+    bad = {k: _bad_counts(t) for k, t in items.items()}
+    bad = {k: c for k, c in bad.items() if sum(c)}
+    if bad:
+        where = "; ".join(f"'{k}' ({n} NaN, {i} inf)" for k, (n, i) in list(bad.items())[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(f"{who}: {kind}: {where}{more}. {fix}")
+    return obj

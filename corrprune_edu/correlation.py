@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .core import check_finite, check_int, check_number
 from .flops import eval_mode
 from .channels import ChannelAnalysis, ChannelGroup, analyze_channels
 
@@ -27,7 +28,8 @@ def pearson_matrix(x: torch.Tensor, # (n, d): one row per filter (or channel), d
                    dtype: torch.dtype | None = None, # compute (and return) in this dtype, e.g. torch.float64
                   ) -> torch.Tensor:
     "Pearson correlation between every pair of rows of `x`, as an (n, n) matrix (differentiable)"
-    if x.ndim != 2: raise ValueError(f"pearson_matrix expects (rows, observations), got shape {tuple(x.shape)}")
+    if x.ndim != 2: raise ValueError(f"pearson_matrix: x must be 2-D (rows, observations), got shape {tuple(x.shape)}; flatten each filter to one row")
+    check_number(eps, "eps", 0, who="pearson_matrix")
     if dtype is not None: x = x.to(dtype)
     xc = x - x.mean(1, keepdim=True)
     norm = xc.norm(dim=1)
@@ -43,6 +45,8 @@ def cosine_matrix(x: torch.Tensor, # (n, d) rows to compare
                   dtype: torch.dtype | None = None, # compute (and return) in this dtype
                  ) -> torch.Tensor:
     "Cosine similarity between every pair of rows (not centred)"
+    if x.ndim != 2: raise ValueError(f"cosine_matrix: x must be 2-D (rows, observations), got shape {tuple(x.shape)}; flatten each filter to one row")
+    check_number(eps, "eps", 0, who="cosine_matrix")
     if dtype is not None: x = x.to(dtype)
     z = x / (x.norm(dim=1, keepdim=True) + eps)
     return z @ z.T
@@ -86,8 +90,9 @@ def cop_matrix(model: nn.Module, # the model
                dtype: torch.dtype | None = None, # compute in this dtype
               ) -> torch.Tensor:
     "COP's redundancy: mean over the next layer's taps of |Pearson| between how it reads two channels"
-    mats = [torch.stack([pearson_matrix(v[p], dtype=dtype) for p in range(len(v))]).abs().mean(0)
-            for v in consumer_weights(model, analysis, group).values()]
+    readers = consumer_weights(model, analysis, group)
+    check_finite(model, "cop_matrix", layers=list(readers))
+    mats = [torch.stack([pearson_matrix(v[p], dtype=dtype) for p in range(len(v))]).abs().mean(0) for v in readers.values()]
     if not mats: raise ValueError(f"channel group '{analysis.group(group).name}' has no consuming layer")
     return torch.stack(mats).mean(0)
 
@@ -95,12 +100,15 @@ def cop_matrix(model: nn.Module, # the model
 class RunningCorrelation:
     "Streamed Pearson correlation between `n` variables: feed (observations, n) batches, read `.matrix()`"
     def __init__(self, n: int, dtype=torch.float64):
-        self.n, self.count = n, 0
+        self.n, self.count = check_int(n, "n", 1, "RunningCorrelation"), 0
         self.sum, self.outer = torch.zeros(n, dtype=dtype), torch.zeros(n, n, dtype=dtype)
     def update(self, x: torch.Tensor):
+        if x.ndim != 2 or x.shape[1] != self.n:
+            raise ValueError(f"RunningCorrelation.update: x must be (observations, {self.n}), got shape {tuple(x.shape)}")
         x = x.detach().to(self.sum.dtype).cpu()
         self.count += len(x); self.sum += x.sum(0); self.outer += x.T @ x
     def matrix(self) -> torch.Tensor:
+        if self.count == 0: raise ValueError("RunningCorrelation.matrix: no observation yet; call update with data first")
         mean = self.sum / self.count
         cov = self.outer / self.count - torch.outer(mean, mean)
         std = cov.diagonal().clamp_min(0).sqrt()
@@ -115,7 +123,12 @@ def activation_correlation(model: nn.Module, # the model
                            n_batches: int | None = None, # stop after this many batches (`None`: all)
                           ) -> torch.Tensor:
     "Pearson correlation between the output channels of `layer` over all samples and positions, streamed"
-    module = model.get_submodule(layer)
+    try: module = model.get_submodule(layer)
+    except AttributeError:
+        raise ValueError(f"activation_correlation: layer '{layer}' is not a module of the model; pass a module path such as "
+                         f"{[n for n, _ in model.named_modules() if n][:3]}") from None
+    if n_batches is not None: check_int(n_batches, "n_batches", 1, "activation_correlation", "Pass None to use every batch.")
+    check_finite(model, "activation_correlation")
     stats = []
     def hook(m, inp, out):
         flat = out.transpose(0, 1).flatten(1).T if out.ndim > 2 else out     # (observations, channels)
@@ -128,8 +141,8 @@ def activation_correlation(model: nn.Module, # the model
                 if n_batches is not None and i >= n_batches: break
                 model(b[0] if isinstance(b, (tuple, list)) else b)
     finally: h.remove()
-    if not stats: raise ValueError("activation_correlation: the DataLoader yielded no batch")
-    return stats[0].matrix()
+    if not stats: raise ValueError("activation_correlation: dl yielded no batch; pass a DataLoader (or list of batches) with data")
+    return check_finite(stats[0].matrix(), "activation_correlation", what=f"correlations of the activations of '{layer}'")
 
 # %% ../nbs/api/09_correlation.ipynb #84307fb9
 MEASURES = ("pearson", "abs_pearson", "cosine", "cop", "activation")
@@ -144,15 +157,16 @@ def filter_correlation(model: nn.Module, # the model
                        dtype: torch.dtype | None = None, # e.g. torch.float64 for a more precise matrix
                       ) -> torch.Tensor:
     "The (C, C) correlation matrix of the filters of one channel group under `measure`"
-    if measure not in MEASURES: raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
+    if measure not in MEASURES: raise ValueError(f"filter_correlation: measure must be one of {MEASURES}, got {measure!r}")
+    if measure == "activation" and dl is None: raise ValueError("filter_correlation: the 'activation' measure needs data: pass dl=")
     if analysis is None:
-        if example_input is None: raise ValueError("pass `analysis` or `example_input` (a batch, or one input's shape)")
+        if example_input is None: raise ValueError("filter_correlation: pass `analysis` or `example_input` (a batch, or one input's shape)")
+        check_finite(model, "filter_correlation")
         analysis = analyze_channels(model, example_input)
     g = analysis.group(group)
+    check_finite(model, "filter_correlation", layers=g.producers)
     if measure == "cop": return cop_matrix(model, analysis, g, dtype)
-    if measure == "activation":
-        if dl is None: raise ValueError("the 'activation' measure needs data: pass dl=")
-        return activation_correlation(model, g.producers[0], dl, n_batches)
+    if measure == "activation": return activation_correlation(model, g.producers[0], dl, n_batches)
     w = group_filters(model, analysis, g)
     if measure == "cosine": return cosine_matrix(w, dtype=dtype)
     c = pearson_matrix(w, dtype=dtype)

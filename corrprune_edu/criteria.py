@@ -13,35 +13,57 @@ import numpy as np
 import torch
 from torch import nn
 
-from .channels import ChannelAnalysis, ChannelGroup, analyze_channels
+from .core import check_finite, check_int, check_number, stable_argsort
+from .channels import ChannelAnalysis, ChannelGroup, PruningError, analyze_channels
 
 # %% auto #0
 __all__ = ['select_groups', 'l1_scores', 'random_scores', 'plan_from_scores', 'l1_plan', 'random_plan']
 
 # %% ../nbs/api/07_criteria.ipynb #fb4aa1e4
+def _layer_types(layer_types, who: str) -> tuple:
+    "`layer_types` as a tuple of module classes, checked"
+    lt = (layer_types,) if isinstance(layer_types, type) else layer_types
+    if not isinstance(lt, (tuple, list)) or not lt or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in lt):
+        raise TypeError(f"{who}: layer_types must be a tuple of layer classes such as (nn.Conv2d, nn.Linear), got {layer_types!r}")
+    return tuple(lt)
+
 def select_groups(analysis: ChannelAnalysis, # from `analyze_channels`
                   groups="all", # what to prune: 'all', 'untied' (skip residual streams), a list of group names, or a predicate
                   layer_types=(nn.Conv2d,), # keep groups whose first producer is one of these (add `nn.Linear` for hidden units)
                   model: nn.Module | None = None, # needed to check `layer_types`
                  ) -> list[ChannelGroup]:
-    "The prunable channel groups a criterion should score"
-    found = [g for g in analysis.groups if g.prunable]
-    if model is not None and layer_types:
-        found = [g for g in found if isinstance(model.get_submodule(g.producers[0]), layer_types)]
-    if isinstance(groups, str) and groups == "all": return found
-    if isinstance(groups, str) and groups == "untied": return [g for g in found if not g.tied]
+    "The prunable channel groups a criterion should score, in the order of `analysis.groups`"
+    layer_types = _layer_types(layer_types, "select_groups")
+    of_type = lambda g: model is None or isinstance(model.get_submodule(g.producers[0]), layer_types)
+    found = [g for g in analysis.groups if g.prunable and of_type(g)]
+    if isinstance(groups, str):
+        if groups == "all": return found
+        if groups == "untied": return [g for g in found if not g.tied]
+        raise ValueError(f"select_groups: groups must be 'all', 'untied', a list of group names or a predicate, got {groups!r}; "
+                         f"to name groups pass a list, e.g. groups={[g.name for g in found[:2]]}")
     if callable(groups): return [g for g in found if groups(g)]
-    names = set(groups)
-    unknown = names - {g.name for g in analysis.groups}
-    if unknown: raise ValueError(f"select_groups: no channel group named {sorted(unknown)}; groups are named by their first producer, e.g. {[g.name for g in found[:3]]}")
-    return [g for g in found if g.name in names]
+    if not isinstance(groups, (list, tuple, set)) or not all(isinstance(g, (str, ChannelGroup)) for g in groups):
+        raise TypeError(f"select_groups: groups must be 'all', 'untied', a list of group names or a predicate, got {groups!r}")
+    wanted = []
+    for name in groups:
+        try: g = analysis.group(name)
+        except PruningError:
+            raise ValueError(f"select_groups: groups asks for {name!r}, but there is no channel group named {name!r}; pass "
+                             f"group names (a group is named by its first producer): {[g.name for g in found]}") from None
+        if not g.prunable: raise ValueError(f"select_groups: groups names '{g.name}', which cannot be pruned ({g.reason}); leave it out")
+        if not of_type(g):
+            raise ValueError(f"select_groups: groups names '{g.name}', whose producer is a {type(model.get_submodule(g.producers[0])).__name__}, "
+                             f"not one of layer_types={tuple(t.__name__ for t in layer_types)}; add its class to layer_types")
+        if g not in wanted: wanted.append(g)
+    return [g for g in found if g in wanted]
 
 # %% ../nbs/api/07_criteria.ipynb #b13cee24
 def l1_scores(model: nn.Module, # the (trained) model
               analysis: ChannelAnalysis, # from `analyze_channels(model, ...)`
               groups: list[ChannelGroup], # the groups to score (see `select_groups`)
              ) -> dict[str, torch.Tensor]:
-    "L1 norm of every channel's filters, summed over the producers of a tied group: group name -> scores"
+    "L1 norm of every channel's filters, summed over the producers of a tied group: group name -> scores (float64)"
+    check_finite(model, "l1_scores", layers=[p for g in groups for p in g.producers])
     scores = {}
     for g in groups:
         s = torch.zeros(g.n_channels, dtype=torch.float64)
@@ -52,31 +74,34 @@ def l1_scores(model: nn.Module, # the (trained) model
     return scores
 
 def random_scores(groups: list[ChannelGroup], # the groups to score
-                  seed: int = 0, # seed of the draw
+                  seed: int = 0, # seed of the draw (an integer >= 0)
                  ) -> dict[str, torch.Tensor]:
-    "Uniform random scores: group name -> scores"
-    g = torch.Generator().manual_seed(seed)
+    "Uniform random scores: group name -> scores (float64)"
+    g = torch.Generator().manual_seed(check_int(seed, "seed", 0, "random_scores"))
     return {grp.name: torch.rand(grp.n_channels, generator=g, dtype=torch.float64) for grp in groups}
 
 # %% ../nbs/api/07_criteria.ipynb #fddfb85c
 def _count(name: str, amount, n: int) -> int:
-    "How many of a group's `n` channels `amount` (a fraction in [0, 1) or an int count) removes"
-    if isinstance(amount, (int, np.integer)) and not isinstance(amount, bool):
-        if amount < 0: raise ValueError(f"amount for '{name}' must be a count >= 0 or a fraction in [0, 1), got {amount}")
-        return int(amount)
-    if isinstance(amount, bool) or not isinstance(amount, (float, np.floating)) or not 0 <= amount < 1:
-        raise ValueError(f"amount for '{name}' must be a fraction in [0, 1) or an int count of channels, got {amount!r}")
-    return int(round(amount * n))
+    "How many of group `name`'s `n` channels `amount` (a fraction in [0, 1) or an int count) removes"
+    what, hint = f"amount for '{name}'", "Pass a fraction of the channels such as 0.3, or an int count of channels."
+    if isinstance(amount, (int, np.integer)) and not isinstance(amount, bool): return check_int(amount, what, 0, "plan_from_scores", hint)
+    return int(round(check_number(amount, what, 0, 1, "plan_from_scores", high_open=True, hint=hint) * n))
 
-def plan_from_scores(scores: dict[str, torch.Tensor], # group name -> one score per channel
+def plan_from_scores(scores: dict[str, torch.Tensor], # group name -> one score per channel (1-D)
                      amount: float | int | dict = 0.5, # per group: a fraction in [0, 1) of its channels, an int count, or a dict of either (missing groups: 0)
-                     min_channels: int = 1, # never keep fewer channels than this in a group
+                     min_channels: int = 1, # never keep fewer channels than this in a group (at least 1)
                     ) -> dict[str, list[int]]:
-    "Remove the lowest-scoring `amount` of each group's channels"
+    "Remove the lowest-scoring `amount` of each group's channels; tied scores go lowest index first"
+    min_channels = check_int(min_channels, "min_channels", 1, "plan_from_scores", "A plan may never empty a group: keep at least 1 channel.")
+    if not isinstance(scores, dict): raise TypeError(f"plan_from_scores: scores must be a dict group name -> one score per channel, got {type(scores).__name__}")
+    if isinstance(amount, dict) and set(amount) - set(scores):
+        raise ValueError(f"plan_from_scores: amount names groups that are not scored: {sorted(set(amount) - set(scores))}; "
+                         f"use the scored groups' names: {list(scores)}")
+    check_finite(scores, "plan_from_scores")
     plan = {}
     for name, s in scores.items():
         n_remove = min(_count(name, amount.get(name, 0) if isinstance(amount, dict) else amount, len(s)), len(s) - min_channels)
-        if n_remove > 0: plan[name] = sorted(torch.argsort(s, stable=True)[:n_remove].tolist())
+        if n_remove > 0: plan[name] = sorted(stable_argsort(s)[:n_remove].tolist())
     return plan
 
 # %% ../nbs/api/07_criteria.ipynb #8518e470
@@ -87,7 +112,8 @@ def l1_plan(model: nn.Module, # the (trained) model
             layer_types=(nn.Conv2d,), # which producers count (add `nn.Linear` for hidden units)
             min_channels: int = 1, # never keep fewer channels than this in a group
            ) -> dict[str, list[int]]:
-    "Plan that removes the smallest-L1 channels of every selected group"
+    "Plan that removes the smallest-L1 channels of every selected group (ties: lowest index first)"
+    check_finite(model, "l1_plan")
     a = analyze_channels(model, example_input)
     return plan_from_scores(l1_scores(model, a, select_groups(a, groups, layer_types, model)), amount, min_channels)
 
@@ -96,9 +122,10 @@ def random_plan(model: nn.Module, # the model
                 amount: float | int | dict = 0.5, # how much of each selected group to remove (see `plan_from_scores`)
                 groups="all", # what to prune (see `select_groups`)
                 layer_types=(nn.Conv2d,), # which producers count
-                seed: int = 0, # seed of the draw
+                seed: int = 0, # seed of the draw (an integer >= 0)
                 min_channels: int = 1, # never keep fewer channels than this in a group
                ) -> dict[str, list[int]]:
     "Plan that removes a random `amount` of the channels of every selected group"
+    check_finite(model, "random_plan"); check_int(seed, "seed", 0, "random_plan")
     a = analyze_channels(model, example_input)
     return plan_from_scores(random_scores(select_groups(a, groups, layer_types, model), seed), amount, min_channels)

@@ -21,7 +21,7 @@ from fastai.torch_core import TensorCategory, TensorImage
 from fastcore.basics import chunked
 from PIL import Image
 
-from .core import cache_dir, stable_hash
+from .core import cache_dir, check_int, check_number, stable_hash
 
 # %% auto #0
 __all__ = ['DATASETS', 'dataset_path', 'stratified_indices', 'split_train_valid', 'load_split', 'ArrayDataset', 'BatchDL',
@@ -67,42 +67,54 @@ def dataset_path(name: str, # 'mnist' or 'cifar10'
 # %% ../nbs/api/01_data.ipynb #5bfb24cc
 def stratified_indices(labels: np.ndarray, # integer class label of every example
                        n_per_class: int | None, # examples to draw per class; `None` keeps all
-                       seed: int = 0, # seed of the draw
+                       seed: int = 0, # seed of the draw (an integer >= 0)
+                       name: str = "n_per_class", # the caller's name for `n_per_class`, for error messages
                       ) -> np.ndarray:
     "Indices of `n_per_class` examples of every class, drawn without replacement, in a seeded order"
     labels = np.asarray(labels)
+    seed = check_int(seed, "seed", 0, "stratified_indices")
     if n_per_class is None: return np.arange(len(labels))
-    if n_per_class < 1: raise ValueError(f"n_per_class must be a positive number of images, got {n_per_class}")
+    n_per_class = check_int(n_per_class, name, 1, hint="Pass a whole number of images per class, or None for all of them.")
     rng = np.random.default_rng(seed)
     picks = []
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
         if n_per_class > len(members):
-            raise ValueError(f"n_per_class={n_per_class} but class {c} has only {len(members)} examples")
+            raise ValueError(f"{name}={n_per_class} but class {c} has only {len(members)} examples: pass {name} <= "
+                             f"{min(np.bincount(labels)[np.unique(labels)])}, or None for all of them")
         picks.append(rng.permutation(members)[:n_per_class])
     return np.sort(np.concatenate(picks))
 
 # %% ../nbs/api/01_data.ipynb #8d4a3160
 def split_train_valid(labels: np.ndarray, # labels of the training examples
                       valid_pct: float = 0.1, # fraction of every class to hold out for validation
-                      seed: int = 0, # seed of the split
+                      seed: int = 0, # seed of the split (an integer >= 0)
                      ) -> tuple[np.ndarray, np.ndarray]:
-    "Stratified split of the training examples into (train, valid) index arrays"
-    if not 0 < valid_pct < 1: raise ValueError(f"valid_pct must lie strictly between 0 and 1, got {valid_pct}")
+    "Stratified split of the training examples into (train, valid) index arrays; every class keeps at least one of each"
+    valid_pct = check_number(valid_pct, "valid_pct", 0, 1, "split_train_valid", low_open=True, high_open=True)
+    seed = check_int(seed, "seed", 0, "split_train_valid")
     rng = np.random.default_rng(seed + 1)
     train, valid = [], []
     for c in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == c))
         n_valid = max(1, int(round(valid_pct * len(members))))
+        if n_valid >= len(members):
+            raise ValueError(f"split_train_valid: class {c} has {len(members)} training image(s); holding out {n_valid} for "
+                             f"validation (valid_pct={valid_pct}) leaves none to train on: pass n_per_class >= "
+                             f"{max(2, int(np.ceil(1 / (1 - valid_pct))) + 1)} or a smaller valid_pct")
         valid.append(members[:n_valid]); train.append(members[n_valid:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(valid))
 
 # %% ../nbs/api/01_data.ipynb #def94eaf
 def _class_files(folder: Path) -> tuple[list[Path], np.ndarray, list[str]]:
+    "Every file of every class sub-folder of `folder`, its label, and the class names; empty classes are an error"
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    fix = "The dataset is incomplete: extract it again (`make data`, or untar_data) or remove the empty folders."
+    if not classes: raise FileNotFoundError(f"{folder} holds no class folder. {fix}")
     files, labels = [], []
     for i, c in enumerate(classes):
-        fs = sorted((folder/c).iterdir(), key=lambda f: f.name)
+        fs = sorted((f for f in (folder/c).iterdir() if f.is_file()), key=lambda f: f.name)
+        if not fs: raise FileNotFoundError(f"the class folder {folder/c} holds no image. {fix}")
         files += fs; labels += [i]*len(fs)
     return files, np.array(labels, dtype=np.int64), classes
 
@@ -117,13 +129,14 @@ def load_split(name: str, # 'mnist' or 'cifar10'
                n_per_class: int | None = None, # stratified subset size per class; `None` for the whole split
                seed: int = 0, # seed of the subset
                path: str | Path | None = None, # dataset folder (see `dataset_path`)
+               size_name: str = "n_per_class", # the caller's name for `n_per_class`, for error messages
               ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     "Images as a uint8 tensor (N, C, H, W), labels as int64, and the class names, of one split"
     spec = _spec(name)
     if split not in ("train", "test"): raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = dataset_path(name, path)
     files, labels, classes = _class_files(root/spec[split])
-    idx = stratified_indices(labels, n_per_class, seed)
+    idx = stratified_indices(labels, n_per_class, seed, size_name)
     cached = cache_dir("decoded")/f"{name}_{split}_{stable_hash([str(root), len(files)])}.npy"
     if cached.exists(): images = np.load(cached, mmap_mode="r")[idx]
     elif n_per_class is None:
@@ -153,6 +166,8 @@ def pad_crop_flip(x: torch.Tensor, # a batch of images (N, C, H, W)
                   flip: bool = True, # also flip a random half of the batch left-right
                  ) -> torch.Tensor:
     "Random-crop augmentation (pad, then crop back to size) with random horizontal flips, per image"
+    pad = check_int(pad, "pad", 0, "pad_crop_flip")
+    if x.ndim != 4: raise ValueError(f"pad_crop_flip: x must be a batch of images (N, C, H, W), got shape {tuple(x.shape)}")
     n, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
     oy, ox = torch.randint(0, 2*pad + 1, (n,)), torch.randint(0, 2*pad + 1, (n,))
@@ -184,6 +199,14 @@ class SplitDataLoaders(DataLoaders):
     def input_shape(self): return tuple(self.train.dataset.x.shape[1:])
 
 # %% ../nbs/api/01_data.ipynb #9b4e17eb
+def _check_loader_args(who: str, n_per_class, n_test_per_class, valid_pct, bs, seed):
+    "The arguments every loader shares, checked before any file is read"
+    for name, v in (("n_per_class", n_per_class), ("n_test_per_class", n_test_per_class)):
+        if v is not None: check_int(v, name, 1, who, "Pass a whole number of images per class, or None for all of them.")
+    check_number(valid_pct, "valid_pct", 0, 1, who, low_open=True, high_open=True, hint="Pass a fraction such as 0.1.")
+    check_int(bs, "bs", 1, who, "Pass a positive batch size such as 64.")
+    check_int(seed, "seed", 0, who)
+
 def _make_dls(tr, va, te, classes, spec, bs, normalize, augment, device) -> SplitDataLoaders:
     tfm = lambda aug: ImageBatchTfm(spec["mean"], spec["std"], normalize, aug)
     dls = SplitDataLoaders(
@@ -200,14 +223,15 @@ def image_dls(name: str, # 'mnist' or 'cifar10'
               bs: int = 128, # training batch size (validation and test use twice as much)
               normalize: bool = True, # subtract the dataset mean and divide by its std
               augment: bool = False, # pad-and-crop plus flip on the training set
-              seed: int = 0, # seed of the subset and of the split
+              seed: int = 0, # seed of the subset and of the split (an integer >= 0)
               path: str | Path | None = None, # dataset folder (see `dataset_path`)
               device=None, # device for the batches; default: fastai's choice
              ) -> SplitDataLoaders:
     "fastai `DataLoaders` (train, valid, test) for a real image dataset in fastai's folder layout"
     spec = _spec(name)
+    _check_loader_args("image_dls", n_per_class, n_test_per_class, valid_pct, bs, seed)
     x, y, classes = load_split(name, "train", n_per_class, seed, path)
-    xt, yt, _ = load_split(name, "test", n_test_per_class, seed, path)
+    xt, yt, _ = load_split(name, "test", n_test_per_class, seed, path, size_name="n_test_per_class")
     tr, va = split_train_valid(y.numpy(), valid_pct, seed)
     return _make_dls((x[tr], y[tr]), (x[va], y[va]), (xt, yt), classes, spec, bs, normalize, augment, device)
 
@@ -254,14 +278,15 @@ def embedded_mnist_dls(n_per_class: int | None = None, # training images per cla
                        valid_pct: float = 0.1, # share of the training images held out for validation
                        bs: int = 128, # training batch size
                        normalize: bool = True, # subtract the MNIST mean, divide by its std
-                       seed: int = 0, # seed of the subset and split
+                       seed: int = 0, # seed of the subset and split (an integer >= 0)
                        device=None, # device for the batches
                       ) -> SplitDataLoaders:
     "`DataLoaders` over the MNIST subset shipped with the package: no network, no data folder"
+    _check_loader_args("embedded_mnist_dls", n_per_class, n_test_per_class, valid_pct, bs, seed)
     d = load_embedded_mnist()
     x, y, xt, yt = (torch.from_numpy(d[k]) for k in ("x_train", "y_train", "x_test", "y_test"))
     keep = stratified_indices(y.numpy(), n_per_class, seed); x, y = x[keep], y[keep]
-    keep_t = stratified_indices(yt.numpy(), n_test_per_class, seed); xt, yt = xt[keep_t], yt[keep_t]
+    keep_t = stratified_indices(yt.numpy(), n_test_per_class, seed, "n_test_per_class"); xt, yt = xt[keep_t], yt[keep_t]
     tr, va = split_train_valid(y.numpy(), valid_pct, seed)
     return _make_dls((x[tr], y[tr]), (x[va], y[va]), (xt, yt), [str(i) for i in range(10)], DATASETS["mnist"],
                      bs, normalize, False, device)

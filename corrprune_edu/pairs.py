@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .correlation import filter_correlation, group_filters
+from .core import check_finite, check_int, check_number, stable_argsort
+from .correlation import MEASURES, filter_correlation, group_filters
 from .criteria import select_groups
 from .channels import ChannelAnalysis, ChannelGroup
 
@@ -27,13 +28,15 @@ def greedy_pairs(corr: torch.Tensor, # (C, C) correlation matrix of one layer
                  n: int, # how many disjoint pairs to return (fewer if the layer runs out of filters)
                  absolute: bool = True, # rank by |rho| (default) or by signed rho
                 ) -> list[tuple[int, int, float]]:
-    "The `n` most correlated pairs (i, j, rho) that share no filter, most correlated first"
-    if corr.ndim != 2 or corr.shape[0] != corr.shape[1]: raise ValueError(f"corr must be square, got shape {tuple(corr.shape)}")
-    if n < 0: raise ValueError(f"n must be non-negative, got {n}")
-    c = corr.detach().double().cpu()
+    "The `n` most correlated pairs (i, j, rho) that share no filter, most correlated first; ties: lowest (i, j) first"
+    corr = torch.as_tensor(corr)
+    if corr.ndim != 2 or corr.shape[0] != corr.shape[1]: raise ValueError(f"greedy_pairs: corr must be a square (C, C) matrix, got shape {tuple(corr.shape)}")
+    n = check_int(n, "n", 0, "greedy_pairs")
+    check_finite(corr, "greedy_pairs", what="correlations")
+    c = corr.detach().cpu()
     i, j = torch.triu_indices(len(c), len(c), 1)
-    rho = c[i, j]
-    order = torch.argsort(rho.abs() if absolute else rho, descending=True, stable=True)
+    rho = c[i, j]                                                # in the matrix's own dtype, which sets the tie tolerance
+    order = stable_argsort(rho.abs() if absolute else rho, descending=True)
     used, pairs = set(), []
     for k in order.tolist():
         if len(pairs) >= n: break
@@ -61,24 +64,27 @@ def choose_drop(i: int, j: int, # the two channels of the pair
                 rule: str = "l1", # one of `DROP_RULES`
                 rng: np.random.Generator | None = None, # for the 'random' rule
                ) -> int:
-    "Which channel of the pair (i, j) to drop"
-    if rule == "first": return min(i, j)
-    if rule == "second": return max(i, j)
+    "Which channel of the pair (i, j) to drop; `l1`/`l2` drop the smaller filter, the lower index when the norms tie"
+    if rule not in DROP_RULES: raise ValueError(f"choose_drop: rule must be one of {DROP_RULES}, got {rule!r}")
+    lo, hi = sorted((check_int(i, "i", 0, "choose_drop"), check_int(j, "j", 0, "choose_drop")))
+    if lo == hi: raise ValueError(f"choose_drop: got i = j = {i}; pass the two different channels of a pair")
+    if rule == "first": return lo
+    if rule == "second": return hi
     if rule == "random": return (rng or np.random.default_rng(0)).choice([i, j]).item()
-    if rule in ("l1", "l2"):
-        p = 1 if rule == "l1" else 2
-        ni, nj = filters[i].detach().norm(p).item(), filters[j].detach().norm(p).item()
-        return i if ni <= nj else j
-    raise ValueError(f"drop rule must be one of {DROP_RULES}, got {rule!r}")
+    norms = filters[[lo, hi]].detach().double().norm(1 if rule == "l1" else 2, dim=1)
+    return (lo, hi)[stable_argsort(norms)[0]]
 
 # %% ../nbs/api/10_pairs.ipynb #a2038848
+_N_PAIRS = "Pass an int, a fraction in (0, 1), a dict group name -> int, or a function of the filter count."
+
 def _n_for(n_pairs, g: ChannelGroup) -> int:
-    if callable(n_pairs): return int(n_pairs(g.n_channels))
-    if isinstance(n_pairs, dict): return int(n_pairs.get(g.name, 0))
-    if isinstance(n_pairs, float):
-        if not 0 < n_pairs < 1: raise ValueError(f"a fractional n_pairs must lie in (0, 1), got {n_pairs}")
-        return max(1, int(n_pairs * g.n_channels))
-    return int(n_pairs)
+    "How many pairs `n_pairs` asks of group `g`, checked"
+    if callable(n_pairs): return check_int(n_pairs(g.n_channels), f"n_pairs({g.n_channels})", 0, "select_pairs", _N_PAIRS)
+    if isinstance(n_pairs, dict): return check_int(n_pairs.get(g.name, 0), f"n_pairs['{g.name}']", 0, "select_pairs", _N_PAIRS)
+    if isinstance(n_pairs, (float, np.floating)):
+        frac = check_number(n_pairs, "n_pairs", 0, 1, "select_pairs", low_open=True, high_open=True, hint=_N_PAIRS)
+        return max(1, int(frac * g.n_channels))
+    return check_int(n_pairs, "n_pairs", 0, "select_pairs", _N_PAIRS)
 
 def default_pairs_per_layer(c: int) -> int:
     "FCP's default episode size for a layer with `c` filters: max(1, c // 20)"
@@ -90,16 +96,25 @@ def select_pairs(model: nn.Module, # the model
                  n_pairs=default_pairs_per_layer, # pairs per layer: int, fraction, dict per group, or f(C)
                  n_total: int | None = None, # rank across layers and keep this many pairs in all (`None`: per layer)
                  measure: str = "abs_pearson", # correlation measure (see `corrprune_edu.correlation.MEASURES`)
-                 min_channels: int = 2, # never take a layer below this many filters
+                 min_channels: int = 2, # never take a layer below this many filters (at least 1)
                  drop_rule: str = "l1", # which filter of a pair goes (see `DROP_RULES`)
-                 seed: int = 0, # for the 'random' drop rule
-                 **corr_kwargs, # passed to `filter_correlation` (e.g. `dl=` for 'activation')
+                 seed: int = 0, # for the 'random' drop rule (an integer >= 0)
+                 **corr_kwargs, # passed to `filter_correlation` (e.g. `dl=` for 'activation'; `dtype` defaults to float64)
                 ) -> list[FilterPair]:
     "The most correlated disjoint filter pairs of every layer (or across layers), with the filter each one drops"
-    if drop_rule not in DROP_RULES: raise ValueError(f"drop_rule must be one of {DROP_RULES}, got {drop_rule!r}")
-    if groups is None or isinstance(groups, str) or callable(groups):
-        groups = select_groups(analysis, "all" if groups is None else groups, layer_types=(nn.Conv2d,), model=model)
-    groups = [analysis.group(g) for g in groups]
+    who = "select_pairs"
+    if drop_rule not in DROP_RULES: raise ValueError(f"{who}: drop_rule must be one of {DROP_RULES}, got {drop_rule!r}")
+    if measure not in MEASURES: raise ValueError(f"{who}: measure must be one of {MEASURES}, got {measure!r}")
+    min_channels = check_int(min_channels, "min_channels", 1, who, "A layer must keep at least one filter.")
+    if n_total is not None: n_total = check_int(n_total, "n_total", 0, who, "Pass None to keep n_pairs per layer instead.")
+    seed = check_int(seed, "seed", 0, who)
+    check_finite(model, who)
+    named = not (groups is None or isinstance(groups, str) or callable(groups))     # named groups may be of any layer type
+    groups = select_groups(analysis, "all" if groups is None else groups, (nn.Module,) if named else (nn.Conv2d,), model)
+    if isinstance(n_pairs, dict) and set(n_pairs) - {g.name for g in groups}:
+        raise ValueError(f"{who}: n_pairs names groups that are not selected: {sorted(set(n_pairs) - {g.name for g in groups})}; "
+                         f"use the selected groups' names: {[g.name for g in groups]}")
+    corr_kwargs.setdefault("dtype", torch.float64)                                 # ties are then decided at float64 precision
     rng = np.random.default_rng(seed)
     candidates = []
     for g in groups:
@@ -111,8 +126,8 @@ def select_pairs(model: nn.Module, # the model
         with torch.no_grad(): filters = group_filters(model, analysis, g)
         for i, j, rho in greedy_pairs(corr, n, absolute=measure != "pearson"):
             candidates.append(FilterPair(g.name, i, j, rho, choose_drop(i, j, filters, drop_rule, rng)))
-    if n_total is not None:
-        candidates = sorted(candidates, key=lambda p: -abs(p.rho))[:n_total]
+    if n_total is not None:                                    # ties: the earlier group, then the earlier pair of a group
+        candidates = [candidates[k] for k in stable_argsort(np.array([abs(p.rho) for p in candidates]), descending=True)[:n_total]]
     return candidates
 
 def plan_from_pairs(pairs: list[FilterPair], # as returned by `select_pairs`

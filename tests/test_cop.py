@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from fastai.callback.core import Callback
 
+from corrprune_edu.core import set_seed
 from corrprune_edu.cop import COP, COPCallback, cop_plan, cop_scores, customisation_table, normalize_correlation, plan_from_selection, redundancy
 from corrprune_edu.data import mnist_dls
 from corrprune_edu.flops import count_macs, count_params
@@ -134,15 +135,16 @@ def loop_greedy(net, n_steps, alpha, beta, gamma, k=3):
     for _ in range(n_steps):
         counts = tuple(sum(alive[g]) for g in groups)
         p_hat, f_hat = loop_terms(counts)
-        best = None
-        for g in groups:
+        cands = []                                                       # (importance, group position, channel, group)
+        for pos, g in enumerate(groups):
             if sum(alive[g]) <= 1: continue
             s = loop_s(Rn[g], k)
-            for i in range(len(s)):
-                if not alive[g][i]: continue
-                imp = alpha * (1 - s[i]) + beta * (1 - f_hat[g]) + gamma * (1 - p_hat[g])
-                if best is None or imp < best[0] - 1e-12: best = (imp, g, i)
-        _, g, i = best
+            cands += [(alpha * (1 - s[i]) + beta * (1 - f_hat[g]) + gamma * (1 - p_hat[g]), pos, i, g)
+                      for i in range(len(s)) if alive[g][i]]
+        # the package's tie rule, written out: importances within 1e-9 x the largest of the minimum are tied,
+        # and the lowest group position, then the lowest channel index, is cut
+        low, tol = min(c[0] for c in cands), 1e-9 * max(abs(c[0]) for c in cands)
+        _, _, i, g = min((c for c in cands if c[0] <= low + tol), key=lambda c: (c[1], c[2]))
         cuts.append((g, i))
         alive[g][i] = False
         for j in range(len(Rn[g])): Rn[g][i][j] = Rn[g][j][i] = 0.0      # zero the row and the column
@@ -151,6 +153,7 @@ def loop_greedy(net, n_steps, alpha, beta, gamma, k=3):
 
 @pytest.mark.parametrize("abg", [(1, 0, 0), (1, 3, 0), (1, 0, 3), (1, 1, 1)])
 def test_greedy_selection_matches_a_naive_loop(abg):
+    "The same cuts as a loop that recomputes everything at every step and breaks ties by the documented rule"
     net = tiny_net()
     sel = COP(net, (1, 8, 8), layer_types=LIN).select(amount=10, alpha=abg[0], beta=abg[1], gamma=abg[2])
     assert list(zip(sel.layer, sel["index"])) == loop_greedy(net, 10, *abg)
@@ -262,12 +265,18 @@ def test_the_callers_model_is_never_modified():
 
 
 @pytest.mark.parametrize("kwargs,arg", [
-    (dict(amount=1.0), "amount"), (dict(amount=-0.1), "amount"), (dict(amount="0.3"), "amount"), (dict(macs_reduction=1.5), "macs_reduction"),
+    (dict(amount=1.0), "amount"), (dict(amount=-0.1), "amount"), (dict(macs_reduction=1.5), "macs_reduction"),
     (dict(amount=0.2, macs_reduction=0.5), "exactly one"), (dict(), "exactly one"), (dict(amount=-1), "amount"),
-    (dict(amount=0.2, alpha=-1), "alpha"), (dict(amount=0.2, beta=float("nan")), "beta"), (dict(amount=0.2, gamma=True), "gamma"),
+    (dict(amount=0.2, alpha=-1), "alpha"), (dict(amount=0.2, beta=float("nan")), "beta"),
     (dict(amount=0.2, alpha=0), "all 0"), (dict(amount=0.2, min_channels=0), "min_channels")])
 def test_bad_selection_arguments_name_the_argument(kwargs, arg):
     with pytest.raises(ValueError, match=arg): COP(lenet5(), (1, 28, 28)).select(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,arg", [(dict(amount="0.3"), "amount"), (dict(amount=0.2, gamma=True), "gamma"),
+                                        (dict(amount=0.2, min_channels=1.5), "min_channels")])
+def test_arguments_of_the_wrong_type_are_type_errors(kwargs, arg):
+    with pytest.raises(TypeError, match=arg): COP(lenet5(), (1, 28, 28)).select(**kwargs)
 
 
 def test_bad_setup_arguments_name_the_argument():
@@ -320,3 +329,75 @@ def test_callback_at_zero_prunes_before_the_first_step_of_a_trained_learner():
     fit(learn, 1, cbs=cb)
     assert cb.plan == expected and cb.summary["pct_train"] == 0
     assert evaluate(learn, "test") > 0.3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The callback keeps fastai's contract: when it prunes, lr_find, the user's hyper-parameters, reuse, hooks
+# ---------------------------------------------------------------------------------------------------------------
+class Trace(Callback):
+    "Per training batch: how many batches were done, conv2's width, and the optimiser's lr and wd (after every other callback)"
+    order = 99
+    def before_fit(self): self.rows = []
+    def before_batch(self):
+        if self.training: self.rows.append((self.train_iter, self.model.conv2.out_channels, self.opt.hypers[-1]["lr"], self.opt.hypers[-1]["wd"]))
+
+
+def twelve_batch_dls():
+    return mnist_dls(43, n_test_per_class=10, source="embedded", bs=32)     # 390 training images: 12 batches of 32
+
+
+def test_at_counts_batches_not_floating_point_progress():
+    learn = make_learner(lenet5(), twelve_batch_dls())
+    assert len(learn.dls.train) == 12
+    cb, trace = COPCallback(0.3, at=0.5), Trace()
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=[cb, trace])
+    widths = [w for _, w, _, _ in trace.rows]
+    assert widths[:6] == [50] * 6 and widths[6] < 50                  # pruned after 6 of the 12 batches, not 7 (pct_train 0.4999...)
+    assert (cb.summary["step"], cb.summary["pct_train"]) == (6, 0.5)
+
+
+@pytest.mark.parametrize("how", ["fit", "fit_one_cycle"])
+def test_the_users_learning_rate_and_weight_decay_hold_before_and_after_the_cut(how):
+    "Batch by batch, the optimiser's lr and wd are those of the same fit without the callback"
+    def run(cbs):
+        set_seed(0)
+        learn, trace = make_learner(lenet5(), twelve_batch_dls()), Trace()
+        with learn.no_bar(), learn.no_logging():
+            if how == "fit": learn.fit(2, 5e-3, wd=0.123, cbs=[*cbs, trace])
+            else: learn.fit_one_cycle(2, 4e-3, wd=0.0456, cbs=[*cbs, trace])
+        return trace.rows
+    pruned, plain = run([COPCallback(0.3, at=0.25)]), run([])
+    assert [w for _, w, _, _ in pruned][5:7] == [50, pruned[6][1]] and pruned[6][1] < 50    # the cut happened after 6 of 24 batches
+    assert [(lr, wd) for _, _, lr, wd in pruned] == [(lr, wd) for _, _, lr, wd in plain]
+    if how == "fit": assert {(lr, wd) for _, _, lr, wd in pruned} == {(5e-3, 0.123)}
+
+
+def test_lr_find_neither_prunes_nor_uses_up_the_cut():
+    learn = make_learner(lenet5(), small_dls())
+    cb = COPCallback(0.3)
+    learn.add_cb(cb)
+    with learn.no_bar(), learn.no_logging(): learn.lr_find(num_it=8, show_plot=False)
+    assert learn.model.conv2.out_channels == 50 and not cb.done
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    assert cb.done and learn.model.conv2.out_channels < 50
+
+
+def test_a_spent_callback_prunes_once_across_fits_and_fine_tune():
+    learn = make_learner(lenet5(), small_dls())
+    cb = COPCallback(0.3, at=0.5)
+    with learn.no_bar(), learn.no_logging(): learn.fine_tune(1, cbs=cb, freeze_epochs=1)   # two fits: frozen, then unfrozen
+    after = learn.model.conv2.out_channels
+    assert cb.done and after < 50 and cb.summary["epoch"] == 0        # in the first stage only
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=cb)
+    assert learn.model.conv2.out_channels == after                   # a spent callback does nothing
+
+
+@pytest.mark.xfail(strict=True, reason="needs S9's hook-free tracing and copy_model (flops.detached_hooks) and B10a's prune_learner "
+                                      "that moves hooks to the pruned model, both published but not yet in main: remove this mark then")
+def test_activation_stats_hooks_do_not_disturb_the_trace():
+    from fastai.callback.hook import ActivationStats
+    learn = make_learner(lenet5(), small_dls())
+    stats, cb = ActivationStats(every=1), COPCallback(0.3, at=0.5)
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, cbs=[cb, stats])
+    assert cb.done and learn.model.conv2.out_channels < 50
+    assert len(stats.stats) == len(learn.dls.train)                   # ActivationStats saw every training batch and nothing else
