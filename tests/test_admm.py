@@ -232,7 +232,8 @@ def test_filter_projection_is_the_nearest_filter_sparse_tensor():
 def test_channel_plan_from_filter_admm(dls):
     learn = trained(dls)
     with quiet(learn):
-        plan, cb = admm_channel_plan(learn, {"conv1": 12, "conv2": 30}, admm_epochs=1, lr=1e-3, rho=0.05, update_every=4)
+        plan, cb = admm_channel_plan(learn, {"conv1": 12, "conv2": 30}, admm_epochs=2, lr=0.02, rho=1.0,
+                                     update_every=4, admm_opt_func=partial(SGD, mom=0.9))
     assert {k: len(v) for k, v in plan.items()} == {"conv1": 8, "conv2": 20}
     hard = cb.hard_masks()
     assert sorted(plan["conv2"]) == torch.nonzero(~hard["conv2.weight"].flatten(1).any(1)).flatten().tolist()
