@@ -1,4 +1,5 @@
-# The two commands in the README: `make demo` and `make test`. Both create or update .venv first.
+# The README's commands: `make demo`, `make lab` (tutorials and assignments in JupyterLab) and `make test`;
+# `make course` for instructors. Each creates or updates .venv first.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,18 +9,33 @@ SHARED_DATA ?= ../shared/data
 FASTAI_HOME ?= $(HOME)/.fastai
 export FASTAI_HOME
 
-.PHONY: demo test venv data readme notebooks clean-venv
+.PHONY: demo lab course test venv data readme notebooks clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,course]"
 	@touch $@
 
 venv: $(VENV)/.installed
 
 demo: venv
 	$(VENV)/bin/corrprune-demo
+
+# JupyterLab on nbs/ (or LAB_DIR) with this environment's kernel, which has the package: open tutorials/ or assignments/.
+# LAB_ARGS="--no-browser --port 8890" for a remote machine; IN_TEST=1 make lab for the small configurations.
+LAB_DIR ?= nbs
+LAB_ARGS ?=
+# (Jupyter refuses to run as root unless told to: containers often run as root, so say it for them.)
+lab: venv
+	$(VENV)/bin/jupyter lab --notebook-dir=$(LAB_DIR) $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
+
+# For instructors: an nbgrader course directory with every assignment released (student versions in
+# $(COURSE)/release/). Then `corrprune-course submit|autograde|feedback|grades` (see the README, For instructors).
+COURSE ?= course
+course: venv
+	$(VENV)/bin/corrprune-course init $(COURSE)
+	$(VENV)/bin/corrprune-course release $(COURSE)
 
 # Put MNIST and CIFAR-10 where untar_data finds them: from the archives beside the repo if present, else download.
 data: venv

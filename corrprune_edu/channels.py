@@ -9,6 +9,8 @@ Docs: https://corrprune-edu.github.io/corrprune_edu/api/channels.html.md"""
 
 # %% ../nbs/api/06_channels.ipynb #2d525c55
 from __future__ import annotations
+import difflib
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 from torch import nn
 from fastcore.basics import patch
 
-from .flops import eval_mode
+from .flops import detached_hooks, eval_mode
 
 # %% auto #0
 __all__ = ['CONV_OPS', 'NORM_OPS', 'PASS_OPS', 'BINARY_OPS', 'CONCAT_OPS', 'RESHAPE_OPS', 'REDUCE_OPS', 'QUERY_OPS',
@@ -102,12 +104,16 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
     return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) and type(x) is not torch.Tensor else x
 
 def _example_input(model: nn.Module, example) -> torch.Tensor:
-    if isinstance(example, (tuple, list, torch.Size)) and all(isinstance(s, int) for s in example):
+    if isinstance(example, (tuple, list, torch.Size)):
+        if not example or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in example):
+            raise PruningError(f"example_input {example!r} is not a shape of positive integers; pass one input's shape "
+                               "such as (3, 32, 32), or a batch of real inputs")
         shape = tuple(example) if len(example) == 4 else (1, *example)
         p = next(model.parameters(), None)
         return torch.randn(shape, device=p.device if p is not None else "cpu", dtype=p.dtype if p is not None else torch.float32)
     if not isinstance(example, torch.Tensor):
-        raise PruningError(f"example_input must be a tensor or a shape such as (3, 32, 32), got {type(example).__name__}")
+        raise PruningError(f"example_input must be a tensor or a shape such as (3, 32, 32), got {type(example).__name__} "
+                           f"{example!r}; pass a batch of real inputs or one input's shape")
     return _plain(example).detach()
 
 def _tensors(obj) -> list:
@@ -118,6 +124,37 @@ def _tensors(obj) -> list:
     return []
 
 # %% ../nbs/api/06_channels.ipynb #688ca180
+def _module_paths(model: nn.Module, names, arg: str) -> list:
+    "Check that `names` is a list of module paths of `model` (a clear error naming the unknown ones otherwise)"
+    if isinstance(names, str):
+        raise TypeError(f"{arg} must be a list of module paths, got the string {names!r}; pass [{names!r}] for a single module")
+    if not isinstance(names, (list, tuple, set, frozenset)):
+        raise TypeError(f"{arg} must be a list of module paths such as ['layer1.0.conv1'], got {type(names).__name__}; "
+                        "pass [] to exclude nothing")
+    names = sorted(names) if isinstance(names, (set, frozenset)) else list(names)
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad: raise TypeError(f"{arg} holds {bad}, which are not module paths (strings); use the names model.named_modules() prints")
+    known = [p for p, _ in model.named_modules(remove_duplicate=False)]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        close = {n: difflib.get_close_matches(n, known, n=3) for n in unknown}
+        hints = "; ".join(f"for '{n}' did you mean {c}?" for n, c in close.items() if c)
+        raise PruningError(f"{arg} names {unknown}, which match no module of {type(model).__name__}"
+                           + (f" ({hints})" if hints else "") + "; use the module paths model.named_modules() prints")
+    return names
+
+def _refuse_scripted(model: nn.Module, exclude: set):
+    "TorchScript modules run their operations out of the recorder's sight: refuse them unless excluded"
+    if isinstance(model, torch.jit.ScriptModule):
+        raise PruningError(f"the model is a TorchScript module ({type(model).__name__}): surgery cannot see the operations "
+                           "inside it; pass the original nn.Module, prune it, and script the pruned model afterwards")
+    for path, m in model.named_modules():
+        if isinstance(m, torch.jit.ScriptModule) and not any(path == e or path.startswith(e + ".") for e in exclude):
+            raise PruningError(f"module '{path}' is a TorchScript module: surgery cannot see the operations inside it, so "
+                               f"it cannot tell which channels it reads. Pass exclude=['{path}'] to leave its channels "
+                               "alone, or build the model with the plain nn.Module")
+
+# %% ../nbs/api/06_channels.ipynb #ac1d19a0
 class ChannelRecorder(TorchFunctionMode):
     "Runs a model once and follows its channels through every operation, recording every tensor they index"
     rules = {}   # op name -> name of the recorder method that says what the op does to channels (filled rule by rule)
@@ -126,15 +163,21 @@ class ChannelRecorder(TorchFunctionMode):
                  exclude=(), # module paths to run unrecorded: their inputs' and outputs' channels are frozen
                 ):
         super().__init__()
-        self.model, self.exclude = model, set(exclude)
-        self.u, self.atoms, self.alive, self.touches = _Atoms(), {}, [], []
-        self.outputs, self.producers, self.depthwise = {}, [], set()
-        self.owner, self.path = {}, {}     # id(parameter or buffer) -> (module path, name); id(module) -> path
-        for path, m in model.named_modules():
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}; pass the network itself "
+                            "(for a fastai Learner, pass learn.model)")
+        self.model = model
+        self.u, self.atoms, self.alive, self.touches, self.touched = _Atoms(), {}, [], [], {}
+        self.outputs, self.producers, self.depthwise, self.grouped, self.weight_of = {}, [], [], {}, {}
+        self.owner, self.path, self.alias = {}, {}, {}     # id(tensor) -> its first (module path, name); id(module) -> path
+        for path, m in model.named_modules(remove_duplicate=False):
+            if id(m) in self.path: self.alias.setdefault(path, self.path[id(m)]); continue   # one module, a second path
             self.path[id(m)] = path
             for name, t in [*m._parameters.items(), *m._buffers.items()]:
-                if t is not None: self.owner[id(t)] = (path, name)
-        self.stack, self.opaque_depth = [""], 0
+                if t is not None: self.owner.setdefault(id(t), (path, name))            # a shared tensor: its first holder
+        self.exclude = {self.path[id(model.get_submodule(p))] for p in _module_paths(model, exclude, "exclude")}
+        _refuse_scripted(model, self.exclude)
+        self.stack, self.opaque_depth, self.ran = [""], 0, {}
 
     # -- running the model ----------------------------------------------------------------------------------
     def run(self, x: torch.Tensor):
@@ -143,7 +186,7 @@ class ChannelRecorder(TorchFunctionMode):
         from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
         hooks = [register_module_forward_pre_hook(self._enter), register_module_forward_hook(self._leave)]
         try:
-            with eval_mode(self.model), self: out = self.model(x)
+            with eval_mode(self.model), detached_hooks(self.model), self: out = self.model(x)   # hooks' own ops are not the model's
         finally:
             for h in hooks: h.remove()
         for t in _tensors(out):
@@ -153,7 +196,7 @@ class ChannelRecorder(TorchFunctionMode):
         "Global pre-forward hook: track the running module; excluded modules run unrecorded"
         path = self.path.get(id(m))
         if path is None: return
-        self.stack.append(path)
+        self.stack.append(path); self.ran.setdefault(path, self.opaque_depth > 0 or path in self.exclude)
         if path in self.exclude or self.opaque_depth:
             if self.opaque_depth == 0:
                 for t in _tensors(args):
@@ -191,19 +234,32 @@ class ChannelRecorder(TorchFunctionMode):
         "Stop with a `PruningError` naming the op, the module it ran in, and how to leave that module alone"
         path = self.stack[-1]
         where = f"'{name}' in module '{path}'" if path else f"'{name}' in the forward of {type(self.model).__name__}"
-        hint = f" Pass exclude=['{path}'] to leave that module's channels alone." if path else ""
+        hint = f" Pass exclude=['{path}'] to leave that module's channels alone." if path else \
+               " Move that code into a submodule and pass its path in exclude to leave its channels alone."
         raise PruningError(f"Cannot prune through {where}: {why}.{hint}")
 
     def touch(self, tensor, dim, atoms, role, name):
-        "Record that dimension `dim` of parameter or buffer `tensor` is indexed by `atoms`"
+        "Record that dimension `dim` of parameter or buffer `tensor` is indexed by `atoms`; a second use ties them"
         if tensor is None: return
         if id(tensor) not in self.owner:
             self.fail(name, "it uses a weight that is computed on the fly, not a parameter surgery can slice")
         module, pname = self.owner[id(tensor)]
-        self.touches.append(Touch(module, pname, dim, atoms, role))
+        seen = self.touched.get((module, pname, dim))
+        if seen is None:
+            self.touched[(module, pname, dim)] = atoms
+            self.touches.append(Touch(module, pname, dim, atoms, role))
+        elif len(seen) != len(atoms):
+            self.fail(name, f"'{module}.{pname}' is used twice with {len(seen)} and {len(atoms)} channels along dim {dim}")
+        else: self.u.union(seen, atoms)    # one tensor used twice: its entry i is one channel in both uses
 
-    def _in_atoms(self, path):
-        return next(t.atoms for t in self.touches if (t.module, t.tensor, t.dim) == (path, "weight", 1))
+    def producer_path(self, weight, name) -> str:
+        "The path of the module that holds `weight` (its first holder): the name of the layer it produces channels for"
+        if id(weight) not in self.owner: self.fail(name, "its weight is computed on the fly, not a parameter surgery can slice")
+        path = self.owner[id(weight)][0]
+        if self.weight_of.setdefault(path, id(weight)) != id(weight):
+            self.fail(name, f"module '{path}' runs layers with two different weights, and surgery names a layer by its "
+                            "module; give each weight a module of its own (an nn.Conv2d or nn.Linear)")
+        return path
 
     # -- dispatch -------------------------------------------------------------------------------------------
     def apply_rule(self, func, args, kwargs, out):
@@ -216,36 +272,37 @@ class ChannelRecorder(TorchFunctionMode):
                 self.fail(name, "the op returns several tensors built from channels (a split, a chunk, ...)")
             if ins and name == "__getitem__": self.fail(name, "indexing a tensor that carries channels")
             return
-        if not ins:                                            # built from constants, or from a parameter alone
-            return
-        x = self.of(args[0]) if args and self.of(args[0]) is not None else self.of(ins[0])
         rule = self.rules.get(name)
+        if not ins and not (rule in ("conv", "linear") and id(_weight(args, kwargs)) in self.owner):
+            return                                             # built from constants, or from a parameter alone
+        x = self.of(args[0]) if args and self.of(args[0]) is not None else (self.of(ins[0]) if ins else None)
         if rule is None: self.fail(name, "surgery does not know how this op treats channels")
         getattr(self, rule)(name, args, kwargs, out, x)
+
+def _weight(args, kwargs):
+    "The weight argument of a conv or linear call"
+    return args[1] if len(args) > 1 else kwargs.get("weight")
 
 # %% ../nbs/api/06_channels.ipynb #e02eec65
 @patch
 def conv(self: ChannelRecorder, name, args, kwargs, out, x):
     "A convolution: new channels (or, depthwise, the same ones); its weight and bias are touched"
-    src, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+    src, weight = args[0], _weight(args, kwargs)
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
-    a_in = self.of(src)
-    if a_in is None: self.fail(name, "the convolution's input carries no traced channels")
-    if id(weight) not in self.owner: self.fail(name, "its weight is computed on the fly, not a parameter surgery can slice")
-    path = self.owner[id(weight)][0]
+    path = self.producer_path(weight, name)
+    a_in = x if x is not None else self.u.new(src.shape[1], frozen=f"the input of '{path}' is computed from constants")
     if groups == 1:
-        self.touch(weight, 1, a_in, "in", name)
-        if path in self.outputs: self.u.union(self._in_atoms(path), a_in)   # a conv used twice reads tied inputs
-        else:
-            self.outputs[path] = self.u.new(weight.shape[0]); self.producers.append(path)
-            self.touch(weight, 0, self.outputs[path], "out", name); self.touch(bias, 0, self.outputs[path], "out", name)
+        if path not in self.outputs: self.outputs[path] = self.u.new(weight.shape[0]); self.producers.append(path)
+        self.touch(weight, 1, a_in, "in", name)       # a conv used twice (or a weight shared by two) ties its inputs
+        self.touch(weight, 0, self.outputs[path], "out", name); self.touch(bias, 0, self.outputs[path], "out", name)
         self.set_atoms(out, self.outputs[path])
     elif groups == src.shape[1] == weight.shape[0]:        # depthwise: channel i in, channel i out
-        self.depthwise.add(path)
+        if path not in self.depthwise: self.depthwise.append(path)
         self.touch(weight, 0, a_in, "depthwise", name); self.touch(bias, 0, a_in, "depthwise", name)
         self.outputs.setdefault(path, a_in); self.set_atoms(out, a_in)
     else:                                                  # grouped: left alone
+        self.grouped[path] = groups
         self.u.freeze(a_in, f"grouped convolution '{path}' (groups={groups})")
         self.set_atoms(out, self.u.new(out.shape[1], frozen=f"grouped convolution '{path}' (groups={groups})"))
 
@@ -255,16 +312,14 @@ ChannelRecorder.rules.update(dict.fromkeys(CONV_OPS, "conv"))
 @patch
 def linear(self: ChannelRecorder, name, args, kwargs, out, x):
     "A linear layer: new channels, one per output unit; its weight and bias are touched"
-    src, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+    src, weight = args[0], _weight(args, kwargs)
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     if src.ndim != 2: self.fail(name, f"its input has shape {tuple(src.shape)}; surgery handles (batch, features) inputs")
-    if id(weight) not in self.owner: self.fail(name, "its weight is computed on the fly, not a parameter surgery can slice")
-    path = self.owner[id(weight)][0]
-    self.touch(weight, 1, self.of(src), "in", name)
-    if path in self.outputs: self.u.union(self._in_atoms(path), self.of(src))
-    else:
-        self.outputs[path] = self.u.new(weight.shape[0]); self.producers.append(path)
-        self.touch(weight, 0, self.outputs[path], "out", name); self.touch(bias, 0, self.outputs[path], "out", name)
+    path = self.producer_path(weight, name)
+    a_in = x if x is not None else self.u.new(src.shape[1], frozen=f"the input of '{path}' is computed from constants")
+    if path not in self.outputs: self.outputs[path] = self.u.new(weight.shape[0]); self.producers.append(path)
+    self.touch(weight, 1, a_in, "in", name)
+    self.touch(weight, 0, self.outputs[path], "out", name); self.touch(bias, 0, self.outputs[path], "out", name)
     self.set_atoms(out, self.outputs[path])
 
 ChannelRecorder.rules.update(linear="linear")
@@ -305,16 +360,20 @@ ChannelRecorder.rules.update(dict.fromkeys(PASS_OPS, "passthrough"))
 # %% ../nbs/api/06_channels.ipynb #5e620d7b
 @patch
 def binary(self: ChannelRecorder, name, args, kwargs, out, x):
-    "Element-wise arithmetic: operands that carry the result's channels are tied; broadcast ones pass"
+    "Element-wise arithmetic: operands that carry the result's channels are tied, even a single channel; broadcast ones pass"
     full = []
-    for a in args:
+    for a in [*args, *kwargs.values()]:
         if not isinstance(a, torch.Tensor): continue
+        traced = self.of(a) is not None
+        if traced and a.ndim == out.ndim and a.shape[1] == out.shape[1]: full.append(a); continue
+        if traced and a.ndim != out.ndim and a.shape[1] > 1:
+            self.fail(name, f"a tensor with channels, of shape {tuple(a.shape)}, is broadcast to {tuple(out.shape)}, "
+                            "which moves its channels to another dimension")
         s = (1,) * (out.ndim - a.ndim) + tuple(a.shape)       # align as broadcasting does
-        if out.ndim < 2 or s[1] == 1 or out.shape[1] == 1: continue
-        if self.of(a) is None or a.ndim != out.ndim:
-            self.fail(name, f"a per-channel tensor of shape {tuple(a.shape)} that surgery cannot slice")
-        full.append(a)
-    if not full: return
+        if s[1] == 1: continue                                # broadcast along channels: it carries none of them
+        self.fail(name, f"an operand of shape {tuple(a.shape)} holds one value per channel but is not a parameter surgery "
+                        "can slice (a constant, or a tensor computed inside forward)")
+    if not full: self.fail(name, "no operand carries the result's channels")
     for a in full[1:]: self.u.union(self.of(full[0]), self.of(a))
     self.set_atoms(out, self.of(full[0]))
 
@@ -395,18 +454,25 @@ class ChannelGroup:
 class ChannelAnalysis:
     "Everything surgery needs to know about a model's channels (build it with `analyze_channels`)"
     def __init__(self, model: nn.Module, example_input, exclude=()):
+        t = ChannelRecorder(model, exclude)                    # checks `model` and `exclude` first
         x = _example_input(model, example_input)
-        self.example_shape = tuple(x.shape)
-        t = ChannelRecorder(model, exclude)
+        self.example_shape, self.exclude = tuple(x.shape), sorted(t.exclude)
         try: t.run(x)
         except PruningError: raise
         except Exception as e:
             raise PruningError(f"example_input of shape {tuple(x.shape)} does not fit {type(model).__name__} "
-                               f"({str(e).splitlines()[0]}); pass a batch of real inputs or one input's (C, H, W).") from None
-        self.touches, self.outputs, self.depthwise = t.touches, t.outputs, t.depthwise
+                               f"({next(iter(str(e).splitlines()), type(e).__name__)}); pass a batch of real inputs or one input's (C, H, W).") from None
+        self.touches, self.outputs, self.depthwise, self.grouped = t.touches, t.outputs, t.depthwise, t.grouped
         self.root = t.u.roots()
         self.frozen = t.u.frozen_roots()
         self.sizes = {(k.module, k.tensor, k.dim): len(k.atoms) for k in self.touches}
+        self.ran, self.opaque = list(t.ran), sorted(p for p, opaque in t.ran.items() if opaque)
+        self.module_types = {p: type(m).__name__ for p, m in model.named_modules(remove_duplicate=False)}
+        self.alias = dict(t.alias)                            # a second path to a module, or a module sharing a producer's weight
+        for p, m in model.named_modules():
+            w = m._parameters.get("weight")
+            if w is not None and id(w) in t.owner and t.owner[id(w)][0] != p and t.owner[id(w)][0] in self.outputs:
+                self.alias[p] = t.owner[id(w)][0]
         self.groups, self.group_of = self._groups(t.producers)
 
     def _groups(self, producers):
@@ -426,7 +492,7 @@ class ChannelAnalysis:
                 if k >= 0 and (t.module, t.role) not in members[k]: members[k].append((t.module, t.role))
         result, group_of = [], {}
         for g, mem in zip(groups, members):
-            frozen = [self.frozen[r] for r in g["roots"] if r in self.frozen]
+            frozen = [self.frozen[r] for r in sorted(g["roots"]) if r in self.frozen]
             cg = ChannelGroup(g["name"], len(g["roots"]), g["producers"], mem, not frozen, frozen[0] if frozen else "")
             result.append(cg)
             for p in g["producers"]: group_of[p] = cg
@@ -453,12 +519,83 @@ def channel_groups(model: nn.Module, # the model to analyse (left unchanged)
 
 # %% ../nbs/api/06_channels.ipynb #01b3429a
 @patch
+def producer(self: ChannelAnalysis, layer: str, # a module path: a conv or linear layer, or a second name of one
+            ) -> str:
+    "The producer (or depthwise conv) that `layer` names; otherwise a `PruningError` saying what `layer` really is"
+    if not isinstance(layer, str):
+        raise PruningError(f"layer names are module paths (strings), got {type(layer).__name__} {layer!r}; use {str(layer)!r}")
+    name = self.alias.get(layer, layer)
+    if name in self.outputs: return name
+    raise PruningError(f"'{layer}' {self.not_a_producer(name)}")
+
+def _channel_indices(layer: str, idx, n: int) -> list[int]:
+    "The channel indices of `plan[layer]` as a list of ints, or a clear error (floats, booleans, repeats, out of range)"
+    where = f"plan['{layer}']"
+    if isinstance(idx, (torch.Tensor, np.ndarray)):
+        dtype = idx.dtype
+        if dtype == torch.bool or dtype == np.bool_:
+            raise PruningError(f"{where} is a boolean mask; pass the indices of the channels to remove, "
+                               f"e.g. mask.nonzero().flatten().tolist() for a tensor (np.flatnonzero(mask) for an array)")
+        integral = (not dtype.is_floating_point and not dtype.is_complex) if isinstance(idx, torch.Tensor) else np.issubdtype(dtype, np.integer)
+        if not integral: raise PruningError(f"{where} has dtype {dtype}; pass integer channel indices (e.g. idx.long())")
+        if idx.ndim != 1: raise PruningError(f"{where} has shape {tuple(idx.shape)}; pass a flat list of channel indices")
+        idx = idx.tolist()
+    elif isinstance(idx, (int, np.integer)) and not isinstance(idx, (bool, np.bool_)):
+        raise PruningError(f"{where} is the single number {idx}; pass a list of channel indices, e.g. [{idx}]")
+    elif not isinstance(idx, (list, tuple, range, set, frozenset)):
+        raise PruningError(f"{where} is a {type(idx).__name__}; pass a list of integer channel indices")
+    idx = sorted(idx) if isinstance(idx, (set, frozenset)) else list(idx)
+    if any(isinstance(i, (bool, np.bool_)) for i in idx):
+        raise PruningError(f"{where} holds booleans; pass the indices of the channels to remove, e.g. "
+                           "[i for i, drop in enumerate(mask) if drop]")
+    wrong = [i for i in idx if not isinstance(i, (int, np.integer))]
+    if wrong: raise PruningError(f"{where} holds {wrong[:5]}, which are not integers; pass integer channel indices "
+                                 "(round or convert them yourself: surgery never truncates)")
+    idx = [int(i) for i in idx]
+    dup = sorted(i for i, c in Counter(idx).items() if c > 1)
+    if dup: raise PruningError(f"{where} repeats channel(s) {dup}; list each channel once.")
+    bad = [i for i in idx if not 0 <= i < n]
+    if bad: raise PruningError(f"{where} has channel(s) {bad} out of range: '{layer}' has {n} output channels, so use 0..{n-1}.")
+    return idx
+
+@patch
+def plan_entry(self: ChannelAnalysis, layer: str, # a plan's key: any producer of a group (or a second name of one)
+               idx, # its value: the output channels to remove (a list, range, int tensor or int array)
+              ) -> tuple[str, list[int]]:
+    "The producer `layer` names and `idx` as checked channel indices (a `PruningError` that says what to do otherwise)"
+    producer = self.producer(layer)
+    return producer, _channel_indices(layer, idx, len(self.outputs[producer]))
+
+@patch
+def not_a_producer(self: ChannelAnalysis, path: str, # a module path that is not a producer
+                  ) -> str:
+    "Why `path` has no output channels surgery can prune, and what to do instead (the end of an error message)"
+    kind = self.module_types.get(path)
+    if kind is None:
+        close = difflib.get_close_matches(path, list(self.outputs), n=3) or difflib.get_close_matches(path, list(self.module_types), n=3)
+        return (f"matches no module of this model" + (f"; did you mean {close}?" if close else "") +
+                f" Name a conv or linear layer, e.g. {list(self.outputs)[:4]}")
+    if path in self.grouped:
+        return (f"is a grouped convolution (groups={self.grouped[path]}): surgery leaves its channels alone, since only "
+                "depthwise convolutions can be followed channel by channel; remove it from the plan")
+    if path in self.opaque:
+        return f"runs inside an excluded module (exclude={self.exclude}), whose channels are left alone; remove it from the plan or from exclude"
+    if path not in self.ran:
+        return (f"is a {kind} that never runs in forward on the example input, so it has no channels to prune; remove it "
+                "from the plan (and delete the layer if the model never uses it)")
+    owner = next((g.name for g in self.groups for m, r in g.members if m == path and r != "in"), None)
+    return (f"is a {kind}, not a conv or linear layer that produces channels; " +
+            (f"its channels are group '{owner}': name that layer instead" if owner else
+             f"name a conv or linear layer, e.g. {list(self.outputs)[:4]}"))
+
+@patch
 def group(self: ChannelAnalysis, group: ChannelGroup | str, # a group name, any producer in it, or the group itself
          ) -> ChannelGroup:
     "The channel group named `group` (a group name, or any producer in it); a `ChannelGroup` passes through"
     if isinstance(group, ChannelGroup): return group
-    g = next((g for g in self.groups if g.name == group), None) or self.group_of.get(group)
-    if g is None: raise PruningError(f"no channel group named '{group}'; groups: {[g.name for g in self.groups if g.prunable]}")
+    g = next((g for g in self.groups if g.name == group), None) or self.group_of.get(self.alias.get(group, group))
+    if g is None: raise PruningError(f"no channel group named '{group}'; pass one of {[g.name for g in self.groups if g.prunable]} "
+                                     "(or any producer of a group)")
     return g
 
 @patch

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['WEIGHT_LAYERS', 'check_int', 'check_number', 'set_seed', 'set_threads', 'cache_dir', 'stable_hash', 'weight_layers',
-           'filter_counts', 'describe_counts', 'stable_argsort', 'stable_argmin', 'check_finite']
+__all__ = ['WEIGHT_LAYERS', 'check_int', 'check_number', 'set_seed', 'set_threads', 'in_test', 'cache_dir', 'stable_hash',
+           'weight_layers', 'filter_counts', 'describe_counts', 'stable_argsort', 'stable_argmin', 'check_finite']
 
 # %% ../nbs/api/00_core.ipynb #fdda054c
 def _prefix(who: str) -> str: return f"{who}: " if who else ""
@@ -77,6 +77,13 @@ def set_threads(n: int | None = None, # CPU threads for PyTorch; `None` reads `C
     else: n = check_int(n, "n", 1, "set_threads")
     torch.set_num_threads(n)
     return n
+
+# %% ../nbs/api/00_core.ipynb #df5291a8
+def in_test(env: dict | None = None, # the environment to read (default: `os.environ`)
+           ) -> bool:
+    "True when `IN_TEST` is set to anything but '', '0', 'false' or 'no' (case-insensitive)"
+    value = (os.environ if env is None else env).get("IN_TEST", "")
+    return value.strip().lower() not in ("", "0", "false", "no")
 
 # %% ../nbs/api/00_core.ipynb #a6d2fe76
 def cache_dir(*parts: str, # sub-folders to append

@@ -11,23 +11,34 @@ Docs: https://corrprune-edu.github.io/corrprune_edu/api/flops.html.md"""
 from __future__ import annotations
 import math, time
 from contextlib import contextmanager
+from torch.overrides import TorchFunctionMode
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from .core import WEIGHT_LAYERS
+from .core import check_int
 
 # %% auto #0
-__all__ = ['eval_mode', 'layer_costs', 'count_macs', 'count_params', 'torch_flops', 'cost_summary', 'format_costs', 'CostModel',
-           'measure_latency', 'compare_latency']
+__all__ = ['MAC_OPS', 'UNCOUNTED_OPS', 'LAYER_TYPES', 'eval_mode', 'detached_hooks', 'op_macs', 'CostRecorder', 'layer_costs',
+           'count_macs', 'count_params', 'torch_flops', 'cost_summary', 'format_costs', 'CostModel', 'measure_latency',
+           'compare_latency']
 
 # %% ../nbs/api/03_flops.ipynb #78ae6511
 def _example(model: nn.Module, input_shape) -> torch.Tensor:
-    shape = tuple(input_shape)
-    if len(shape) == 3: shape = (1, *shape)
-    if len(shape) != 4: raise ValueError(f"input_shape must be (C, H, W) or (N, C, H, W), got {tuple(input_shape)}")
+    "A batch of zeros of `input_shape` ((C, H, W) or (N, C, H, W)) on the model's device, or the example tensor itself"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}; pass the network (for a Learner, learn.model)")
+    if isinstance(input_shape, torch.Tensor):
+        if input_shape.ndim < 2: raise ValueError(f"input_shape: an example input must be a batch (N, C, ...), got a tensor of shape {tuple(input_shape.shape)}; add the batch dimension")
+        return input_shape.detach().as_subclass(torch.Tensor)
+    ok = isinstance(input_shape, (tuple, list, torch.Size)) and len(input_shape) in (3, 4) and \
+         all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in input_shape)
+    if not ok:
+        raise ValueError(f"input_shape must be (C, H, W) or (N, C, H, W) with positive integer sizes, got {input_shape!r}; "
+                         "pass the shape of one training image, e.g. (1, 28, 28), or an example batch (a tensor) for other inputs")
+    shape = tuple(input_shape) if len(input_shape) == 4 else (1, *input_shape)
     p = next(model.parameters(), None)
     return torch.zeros(shape, device=p.device if p is not None else "cpu", dtype=p.dtype if p is not None else torch.float32)
 
@@ -41,43 +52,152 @@ def eval_mode(model: nn.Module):
     finally:
         for m, t in modes.items(): m.training = t
 
-def _layer_macs(m: nn.Module, out: torch.Tensor) -> int:
-    per_output = (m.in_channels // m.groups) * int(np.prod(m.kernel_size)) if isinstance(m, nn.Conv2d) else m.in_features
-    return (out.numel() // out.shape[0]) * per_output
+# %% ../nbs/api/03_flops.ipynb #a2754300
+_HOOK_TABLES = {"_forward_hooks": ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"),
+                "_forward_pre_hooks": ("_forward_pre_hooks_with_kwargs",), "_backward_hooks": (), "_backward_pre_hooks": ()}
+
+def _own_hook(m: nn.Module, hook) -> bool:
+    "A hook that is part of the module's own behaviour (lazy initialisation, weight/spectral norm, torch's pruning)"
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+    return getattr(hook, "__self__", None) is m or isinstance(hook, (WeightNorm, SpectralNorm, BasePruningMethod))
+
+@contextmanager
+def detached_hooks(model: nn.Module, # the model whose hooks to switch off
+                  ):
+    "Switch off the forward and backward hooks attached to `model`'s modules while inside (a module's own hooks stay)"
+    saved = []                                            # (module, attribute, the original table)
+    for m in model.modules():
+        for table, extras in _HOOK_TABLES.items():
+            hooks = getattr(m, table, None)
+            foreign = [k for k, h in (hooks or {}).items() if not _own_hook(m, h)]
+            if not foreign: continue
+            for attr in (table, *extras):
+                original = getattr(m, attr)
+                saved.append((m, attr, original))
+                m.__dict__[attr] = type(original)((k, v) for k, v in original.items() if k not in foreign)
+    try: yield model
+    finally:
+        for m, attr, original in reversed(saved): m.__dict__[attr] = original
 
 # %% ../nbs/api/03_flops.ipynb #fc887976
+MAC_OPS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear",
+           "matmul", "mm", "bmm", "addmm", "baddbmm", "__matmul__", "__rmatmul__"}
+UNCOUNTED_OPS = {"einsum", "bilinear", "tensordot", "addbmm", "addmv", "addr", "mv", "dot", "vdot", "inner", "outer",
+                 "chain_matmul", "scaled_dot_product_attention", "multi_head_attention_forward", "lstm", "gru",
+                 "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell", "conv_tbc",
+                 "convolution", "_convolution"}
+
+def op_macs(name: str, # the op, one of `MAC_OPS`
+            args: tuple, # its positional arguments
+            out: torch.Tensor, # its result
+           ) -> int:
+    "Multiply-accumulates of one call of a convolution, linear layer or matrix product (for the whole batch)"
+    if name.startswith("conv_transpose"): return args[0].numel() * math.prod(args[1].shape[1:])   # weight (C_in, C_out/g, k...)
+    if name.startswith("conv"): return out.numel() * math.prod(args[1].shape[1:])                 # weight (C_out, C_in/g, k...)
+    if name == "linear": return out.numel() * args[1].shape[-1]
+    a = args[1] if name in ("addmm", "baddbmm", "__rmatmul__") else args[0]
+    return out.numel() * a.shape[-1]
+
+# %% ../nbs/api/03_flops.ipynb #c534f08e
+class CostRecorder(TorchFunctionMode):
+    "Runs a model once and adds up the MACs of every convolution, linear layer and matrix product, by weight"
+    def __init__(self, model: nn.Module, # the model to count
+                ):
+        super().__init__()
+        self.model, self.rows, self.counted, self.stack = model, {}, set(), [""]
+        self.owner, self.path = {}, {}     # id(parameter) -> (module path, name) of its first holder; id(module) -> path
+        for path, m in model.named_modules():
+            self.path[id(m)] = path
+            for name, t in m._parameters.items():
+                if t is not None: self.owner.setdefault(id(t), (path, name))
+
+    def run(self, x: torch.Tensor, # a batch of inputs
+           ):
+        "Run the model on `x` in eval mode, without gradients and without its hooks, counting as it goes"
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+        hooks = [register_module_forward_pre_hook(self._enter), register_module_forward_hook(self._leave)]
+        try:
+            with eval_mode(self.model), detached_hooks(self.model), self: self.model(x)
+        finally:
+            for h in hooks: h.remove()
+
+    def _enter(self, m, args): self.stack.append(self.path.get(id(m), self.stack[-1]))   # which module is running
+    def _leave(self, m, args, out): self.stack.pop()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name in MAC_OPS: self.count(name, (*args, *kwargs.values()), out)
+        elif name in UNCOUNTED_OPS:
+            where = f"module '{self.stack[-1]}'" if self.stack[-1] else f"the forward of {type(self.model).__name__}"
+            raise ValueError(f"{where} calls '{name}', whose multiply-accumulates this count cannot attribute to a layer "
+                             f"(it counts convolutions, linear layers and matrix products); use torch_flops(model, input_shape), "
+                             f"PyTorch's own FLOP counter, for this model")
+        return out
+
+    def count(self, name: str, # the op, one of `MAC_OPS`
+              args: tuple, # its arguments
+              out: torch.Tensor, # its result
+             ):
+        "Add one call to the row of the weight it used (the running module's row when no parameter is involved)"
+        params = [a for a in args if isinstance(a, nn.Parameter) and id(a) in self.owner]
+        weight = args[1] if name in ("linear",) or name.startswith("conv") else (params[0] if params else None)
+        if isinstance(weight, nn.Parameter) and id(weight) in self.owner:
+            module, tensor = self.owner[id(weight)]
+            key = (module if tensor == "weight" else _joined(module, tensor), _joined(module, tensor), module)
+        else:                                             # a weight computed on the fly: the module that computes it
+            module = self.stack[-1]
+            key = (module, "", module)
+            params += list(self.model.get_submodule(module).parameters(recurse=False))
+        row = self.rows.setdefault(key[:2], dict(layer=key[0], type=type(self.model.get_submodule(key[2])).__name__,
+                                                 weight=key[1], out_shape=tuple(out.shape[1:]), calls=0, macs=0, params=0))
+        row["calls"] += 1; row["macs"] += op_macs(name, args, out)
+        for p in params:
+            if id(p) not in self.counted: self.counted.add(id(p)); row["params"] += p.numel()
+
+def _joined(module: str, name: str) -> str: return f"{module}.{name}" if module else name
+
+# %% ../nbs/api/03_flops.ipynb #ea9f4829
+LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear)   # layers that get a row even when forward never calls them
+
 def layer_costs(model: nn.Module, # any model built from conv / linear layers
-                input_shape, # (C, H, W) or (N, C, H, W) of one input
+                input_shape, # (C, H, W) or (N, C, H, W) of one input, or an example batch (a tensor)
                ) -> pd.DataFrame:
-    "One row per conv and linear layer: type, output shape, MACs and parameters (per image)"
-    rows, current, hooks = [], [None], []
-    def record(name):
-        def hook(m, inp, out):
-            rows.append(dict(layer=name, type=type(m).__name__, out_shape=tuple(out.shape[1:]), macs=_layer_macs(m, out),
-                             params=sum(p.numel() for p in m.parameters(recurse=False))))
-        return hook
-    def enter(name):
-        def hook(m, inp): current[0] = name
-        return hook
-    for name, m in model.named_modules():
-        if isinstance(m, WEIGHT_LAYERS): hooks.append(m.register_forward_hook(record(name)))
-        if name and not list(m.children()): hooks.append(m.register_forward_pre_hook(enter(name)))
-    if not any(isinstance(m, WEIGHT_LAYERS) for m in model.modules()):
-        raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layer: there are no MACs or filters to count.")
+    "One row per weight of a conv, linear layer or matrix product: calls, MACs and parameters per input"
     x = _example(model, input_shape)
-    try:
-        with eval_mode(model): model(x)
-    except RuntimeError as e:
-        where = f"at layer '{current[0]}'" if current[0] else "before the first layer"
-        raise ValueError(f"input_shape {tuple(input_shape)} does not fit {type(model).__name__}: the forward pass failed "
-                         f"{where} ({str(e).splitlines()[0]}). Pass the (C, H, W) of one training image.") from None
-    finally:
-        for h in hooks: h.remove()
-    return pd.DataFrame(rows, columns=["layer", "type", "out_shape", "macs", "params"])
+    rec = CostRecorder(model)
+    try: rec.run(x)
+    except ValueError as e:
+        if "whose multiply-accumulates" in str(e): raise
+        raise _does_not_fit(model, input_shape, rec, e) from None
+    except (RuntimeError, TypeError, IndexError) as e: raise _does_not_fit(model, input_shape, rec, e) from None
+    for path, m in model.named_modules():                 # layers forward never calls: no MACs, but their parameters
+        w = m._parameters.get("weight")
+        if isinstance(m, LAYER_TYPES) and w is not None and id(w) not in rec.counted:
+            rows = rec.rows.setdefault((path, _joined(path, "weight")), dict(layer=path, type=type(m).__name__,
+                                       weight=_joined(path, "weight"), out_shape=(), calls=0, macs=0, params=0))
+            for p in m.parameters(recurse=False):
+                if id(p) not in rec.counted: rec.counted.add(id(p)); rows["params"] += p.numel()
+    if not rec.rows:
+        raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layer (no convolution, linear layer or matrix "
+                         "product runs in forward): there are no MACs or filters to count; pass a model built from them")
+    costs = pd.DataFrame(list(rec.rows.values()), columns=["layer", "type", "weight", "out_shape", "calls", "macs", "params"])
+    costs["macs"] //= x.shape[0]                          # per input
+    costs.attrs["other_params"] = sum(p.numel() for p in model.parameters()) - int(costs.params.sum())   # norms, ...
+    return costs
+
+def _does_not_fit(model, input_shape, rec, e) -> ValueError:
+    where = f"at layer '{rec.stack[-1]}'" if rec.stack[-1] else "before the first layer"
+    shape = tuple(input_shape.shape) if isinstance(input_shape, torch.Tensor) else tuple(input_shape)
+    return ValueError(f"input_shape {shape} does not fit {type(model).__name__}: the forward pass failed "
+                      f"{where} ({next(iter(str(e).splitlines()), type(e).__name__)}). Pass the (C, H, W) of one training image.")
 
 # %% ../nbs/api/03_flops.ipynb #1864dd1f
 def count_macs(model: nn.Module, # the model
-               input_shape, # (C, H, W) of one input
+               input_shape, # (C, H, W) of one input, or an example batch (a tensor)
               ) -> int:
     "Multiply-accumulates of one forward pass for one input (conv and linear layers; FLOPs = 2 x MACs)"
     return int(layer_costs(model, input_shape).macs.sum())
@@ -85,47 +205,58 @@ def count_macs(model: nn.Module, # the model
 def count_params(model: nn.Module, # the model
                  trainable_only: bool = False, # count only parameters with `requires_grad`
                 ) -> int:
-    "Number of parameters (weights, biases, BatchNorm affine parameters)"
+    "Number of parameters (weights, biases, BatchNorm affine parameters); a parameter shared by two layers counts once"
+    if not isinstance(model, nn.Module): raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}; pass the network (for a Learner, learn.model)")
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 # %% ../nbs/api/03_flops.ipynb #d82435c2
 def torch_flops(model: nn.Module, # the model
-                input_shape, # (C, H, W) of one input
+                input_shape, # (C, H, W) of one input, or an example batch (a tensor)
                ) -> int:
     "FLOPs of one forward pass as counted by `torch.utils.flop_counter.FlopCounterMode`"
     from torch.utils.flop_counter import FlopCounterMode
     x = _example(model, input_shape)
-    with eval_mode(model), FlopCounterMode(display=False) as counter: model(x)
+    with eval_mode(model), detached_hooks(model), FlopCounterMode(display=False) as counter: model(x)
     return int(counter.get_total_flops())
 
 # %% ../nbs/api/03_flops.ipynb #1485b567
 def cost_summary(model: nn.Module, # the model
-                 input_shape, # (C, H, W) of one input
+                 input_shape, # (C, H, W) of one input, or an example batch (a tensor)
                 ) -> dict:
     "Total MACs and parameters of `model`"
     return dict(macs=count_macs(model, input_shape), params=count_params(model))
 
 def format_costs(costs: pd.DataFrame, # as returned by `layer_costs`
                 ) -> str:
-    "`layer_costs` as a fixed-width table with each layer's share of the total and a total row"
-    t = costs.copy()
+    "`layer_costs` as a fixed-width table with each layer's share of the total, other parameters and a total row"
+    t, other = costs.copy(), int(costs.attrs.get("other_params", 0))
+    params = int(t.params.sum()) + other                  # = count_params(model)
+    t["out_shape"] = t.out_shape.map(lambda s: "x".join(map(str, s)) if s else "never runs")
+    if other: t = pd.concat([t, pd.DataFrame([dict(layer="other parameters", type="(norms, ...)", out_shape="",
+                                                   calls=0, macs=0, params=other)])], ignore_index=True)
     t["macs %"] = (100 * t.macs / t.macs.sum()).round(1)
-    t["params %"] = (100 * t.params / t.params.sum()).round(1)
-    t["out_shape"] = t.out_shape.map(lambda s: "x".join(map(str, s)))
-    total = pd.DataFrame([dict(layer="total", type="", out_shape="", macs=t.macs.sum(), params=t.params.sum(),
-                               **{"macs %": 100.0, "params %": 100.0})])
+    t["params %"] = (100 * t.params / params).round(1)
+    total = pd.DataFrame([dict(layer="total", type="", out_shape="", calls=int(costs.calls.sum()), macs=t.macs.sum(),
+                               params=params, **{"macs %": 100.0, "params %": 100.0})])
     t = pd.concat([t, total], ignore_index=True)
-    return t.to_string(index=False, formatters={"macs": "{:,}".format, "params": "{:,}".format})
+    columns = ["layer", "type", "out_shape", *(["calls"] if (costs.calls != 1).any() else []), "macs", "params", "macs %", "params %"]
+    return t[columns].to_string(index=False, formatters={"macs": "{:,}".format, "params": "{:,}".format})
 
 # %% ../nbs/api/03_flops.ipynb #a7bacc18
 class CostModel:
     "Parameters and MACs of a model as functions of its channel counts, read from its channel analysis"
     def __init__(self, model: nn.Module, # the model the analysis was made on
                  analysis, # its `ChannelAnalysis` (from `corrprune_edu.channels.analyze_channels`)
-                 groups: list, # the `ChannelGroup`s of `analysis` whose channels may go
+                 groups: list, # the `ChannelGroup`s of `analysis` whose channels may go (or their names)
                 ):
-        per_layer = layer_costs(model, analysis.example_shape[1:]).groupby("layer", sort=False)[["macs", "params"]].sum()
-        self.groups, dims, sizes, entries = list(groups), {}, [], []   # dims: (module, parameter) -> {dim: column}
+        if not hasattr(analysis, "tensor_slices"):
+            raise TypeError(f"analysis must be a ChannelAnalysis (from corrprune_edu.channels.analyze_channels), got "
+                            f"{type(analysis).__name__}; pass analyze_channels(model, example_input)")
+        groups = [analysis.group(g) for g in groups]      # names are fine too; an unknown one is named
+        p = next(model.parameters())
+        costs = layer_costs(model, torch.zeros((1, *analysis.example_shape[1:]), dtype=p.dtype, device=p.device))
+        per_weight = costs[costs.weight != ""].groupby("weight", sort=False).macs.sum()   # a layer called twice: both calls
+        self.analysis, self.groups, dims, sizes, entries = analysis, list(groups), {}, [], []   # dims: (module, parameter) -> {dim: column}
         for g in self.groups:
             mine = []
             for s in analysis.tensor_slices(g):
@@ -149,17 +280,19 @@ class CostModel:
             idx.append([dims[key][d] for d in tracked] + [-1] * (2 - len(tracked)))
             const.append(math.prod(s for d, s in enumerate(shape) if d not in tracked))
         self.idx, self.const = np.array(idx, dtype=np.int64).reshape(-1, 2), np.array(const, dtype=np.float64)
-        tracked = set(self.keys)
-        self.fixed_params = sum(p.numel() for mn, m in model.named_modules()
-                                for pn, p in m.named_parameters(recurse=False) if (mn, pn) not in tracked)
-        self.layers = [l for l in per_layer.index if (l, "weight") in tracked]
-        self.fixed_macs = int(per_layer.macs.drop(self.layers).sum())
+        tracked, owners = set(self.keys), {}
+        for mn, m in model.named_modules():               # a parameter held by two layers is counted once, by the first
+            for pn, t in m.named_parameters(recurse=False): owners.setdefault(id(t), (mn, pn, t.numel()))
+        self.fixed_params = sum(n for mn, pn, n in owners.values() if (mn, pn) not in tracked)
+        split = lambda w: tuple(w.rsplit(".", 1)) if "." in w else ("", w)      # 'layer1.0.conv1.weight' -> (module, tensor)
+        self.layers = [w for w in per_weight.index if split(w) in tracked]     # the weights whose size the groups change
+        self.fixed_macs = int(costs.macs.sum() - per_weight[self.layers].sum())
         pos = {k: i for i, k in enumerate(self.keys)}
-        self.w = np.array([pos[(l, "weight")] for l in self.layers], dtype=np.int64)
-        self.b = np.array([pos.get((l, "bias"), -1) for l in self.layers], dtype=np.int64)
-        bias = [getattr(model.get_submodule(l), "bias", None) for l in self.layers]
-        self.fixed_bias = np.array([0 if b is None or pos.get((l, "bias"), -1) >= 0 else b.numel() for l, b in zip(self.layers, bias)], dtype=np.float64)
-        self.macs_per_weight = np.array([per_layer.macs[l] / model.get_submodule(l).weight.numel() for l in self.layers])
+        self.w = np.array([pos[split(w)] for w in self.layers], dtype=np.int64)
+        self.b = np.array([pos.get((split(w)[0], "bias"), -1) for w in self.layers], dtype=np.int64)
+        bias = [getattr(model.get_submodule(split(w)[0]), "bias", None) for w in self.layers]
+        self.fixed_bias = np.array([0 if not isinstance(b, torch.Tensor) or j >= 0 else b.numel() for b, j in zip(bias, self.b)], dtype=np.float64)
+        self.macs_per_weight = np.array([per_weight[w] / getattr(model.get_submodule(split(w)[0]), split(w)[1]).numel() for w in self.layers])
         self.member = np.array([[bool(np.isin(self.idx[w], np.flatnonzero(D.sum(0))).any()) for w in self.w] for D in self.owned])
 
     def evaluate(self, size: np.ndarray | None = None, # sizes of the tracked dimensions (default: `base_size`)
@@ -185,13 +318,15 @@ class CostModel:
     def size_after(self, plan: dict, # layer name (any producer of a group) -> output channel indices to remove
                   ) -> np.ndarray:
         "The tracked dimensions' sizes once `plan` is applied"
+        if not isinstance(plan, dict): raise TypeError(f"a plan must be a dict of layer name -> channel indices, got {type(plan).__name__}; pass e.g. {{'conv1': [0, 3]}}")
         size = self.base_size.copy()
         for layer, idx in plan.items():
-            if layer not in self.group_index:
+            producer, idx = self.analysis.plan_entry(layer, idx)    # the same checks as surgery's
+            if producer not in self.group_index:
                 raise ValueError(f"plan names '{layer}', which is not a producer of the groups this cost model tracks "
                                  f"({[g.name for g in self.groups]}); build the CostModel with that group")
-            gi = self.group_index[layer]
-            size -= self.owned[gi][self.channel_of[layer][np.asarray(idx, dtype=np.int64)]].sum(0)
+            gi = self.group_index[producer]
+            size -= self.owned[gi][self.channel_of[producer][np.asarray(idx, dtype=np.int64)]].sum(0)
         return size
 
     def costs_after(self, plan: dict, # layer name (any producer of a group) -> output channel indices to remove
@@ -208,6 +343,8 @@ def measure_latency(model: nn.Module, # the model to time
                     repeats: int = 10, # timed passes
                    ) -> dict:
     "Forward-pass wall time in milliseconds (median, min, all runs), in eval mode without gradients"
+    for arg, v, low in (("batch_size", batch_size, 1), ("repeats", repeats, 1), ("warmup", warmup, 0), ("threads", 1 if threads is None else threads, 1)):
+        check_int(v, arg, low, "measure_latency", hint=f"Pass e.g. {arg}={max(low, 1)}.")
     x = _example(model, (batch_size, *tuple(input_shape)[-3:]))
     old_threads = torch.get_num_threads()
     if threads: torch.set_num_threads(threads)
@@ -232,6 +369,10 @@ def compare_latency(models: dict, # name -> model
                     repeats: int = 5, # timed passes per model and round
                    ) -> pd.DataFrame:
     "Median forward time of several models, measured in interleaved rounds; one row per model"
+    if not isinstance(models, dict) or not models:
+        raise ValueError(f"compare_latency: models must be a non-empty dict of name -> model, got {models!r}; pass e.g. {{'before': net, 'after': small}}")
+    for arg, v in (("batch_size", batch_size), ("rounds", rounds), ("repeats", repeats), ("threads", 1 if threads is None else threads)):
+        check_int(v, arg, 1, "compare_latency", hint=f"Pass e.g. {arg}=2.")
     runs = {name: [] for name in models}
     for r in range(rounds):
         for name, m in models.items():

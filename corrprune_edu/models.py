@@ -8,16 +8,25 @@ Docs: https://corrprune-edu.github.io/corrprune_edu/api/models.html.md"""
 
 # %% ../nbs/api/02_models.ipynb #ee23e4cb
 from __future__ import annotations
+import inspect
 from collections import OrderedDict
 from functools import partial
 
 import torch
 from torch import nn
 
-from .core import filter_counts, describe_counts
+from .core import check_int, describe_counts, filter_counts
 
 # %% auto #0
-__all__ = ['VGG16_CFG', 'MODELS', 'lenet5', 'VGG', 'vgg16_cifar', 'BasicBlock', 'ResNetCifar', 'resnet_cifar', 'get_model']
+__all__ = ['VGG16_CFG', 'MODELS', 'lenet5', 'VGG', 'vgg16_cifar', 'BasicBlock', 'ResNetCifar', 'resnet_cifar', 'get_model',
+           'model_arguments']
+
+# %% ../nbs/api/02_models.ipynb #d6708788
+_EXAMPLES = dict(num_classes=10, in_channels=3, input_size=32, depth=20, hidden=512, cin=16, cout=16, stride=1)
+
+def _sizes(fn: str, **sizes):
+    "Each size must be an integer >= 1 (`corrprune_edu.core.check_int`), with an example of what to pass"
+    for arg, v in sizes.items(): check_int(v, arg, 1, fn, hint=f"Pass e.g. {arg}={_EXAMPLES.get(arg, 1)}.")
 
 # %% ../nbs/api/02_models.ipynb #9c95a857
 def lenet5(num_classes: int = 10, # outputs of the classifier
@@ -27,8 +36,12 @@ def lenet5(num_classes: int = 10, # outputs of the classifier
            widths: tuple = (20, 50, 500), # filters of conv1 and conv2, units of fc1 (the `a-b-c` of the papers)
           ) -> nn.Sequential:
     "Caffe's LeNet-5 (20-50-500-10), optionally narrower or wider"
+    _sizes("lenet5", num_classes=num_classes, in_channels=in_channels, input_size=input_size)
+    if not isinstance(widths, (tuple, list)) or len(widths) != 3:
+        raise ValueError(f"lenet5: widths must be three sizes (conv1, conv2, fc1), got {widths!r}; pass e.g. widths=(20, 50, 500)")
+    _sizes("lenet5", **{f"widths[{i}]": w for i, w in enumerate(widths)})
     side = ((input_size - 4)//2 - 4)//2
-    if side < 1: raise ValueError(f"lenet5 needs input_size >= 12, got {input_size}")
+    if side < 1: raise ValueError(f"lenet5 needs input_size >= 12, got {input_size}; pass the height of the input images (28 for MNIST)")
     a, b, c = widths
     act = (lambda: nn.ReLU()) if conv_act else (lambda: nn.Identity())
     return nn.Sequential(OrderedDict([
@@ -49,13 +62,20 @@ class VGG(nn.Module):
     "VGG with BatchNorm for small images: `features` (conv blocks) then `classifier`"
     def __init__(self, cfg=VGG16_CFG, num_classes=10, in_channels=3, input_size=32, hidden=512, dropout=0.0):
         super().__init__()
+        _sizes("VGG", num_classes=num_classes, in_channels=in_channels, input_size=input_size, hidden=hidden)
+        if not isinstance(cfg, (list, tuple)) or not cfg or not all(isinstance(b, (list, tuple)) and b for b in cfg):
+            raise ValueError(f"VGG: cfg must be a list of blocks, each a list of conv widths, got {cfg!r}; pass e.g. VGG16_CFG")
+        _sizes("VGG", **{f"cfg[{b}][{i}]": w for b, block in enumerate(cfg) for i, w in enumerate(block)})
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"VGG: dropout must be a probability in [0, 1), got {dropout!r}; pass e.g. dropout=0.5")
         layers, cin = [], in_channels
         for b, block in enumerate(cfg, 1):
             for i, cout in enumerate(block, 1):
                 layers += _conv_bn_relu(cin, cout, f"{b}_{i}"); cin = cout
             layers.append((f"pool{b}", nn.MaxPool2d(2)))
         side = input_size // 2**len(cfg)
-        if side < 1: raise ValueError(f"VGG with {len(cfg)} pooling stages needs input_size >= {2**len(cfg)}, got {input_size}")
+        if side < 1: raise ValueError(f"VGG with {len(cfg)} pooling stages needs input_size >= {2**len(cfg)}, got {input_size}; "
+                                      "pass the height of the input images (32 for CIFAR)")
         self.features = nn.Sequential(OrderedDict(layers))
         self.flatten = nn.Flatten()
         self.classifier = nn.Sequential(OrderedDict([
@@ -83,6 +103,7 @@ class BasicBlock(nn.Module):
     "Two 3x3 conv-BN layers with a residual connection (identity, or a 1x1 projection when the shape changes)"
     def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__()
+        _sizes("BasicBlock", cin=cin, cout=cout, stride=stride)
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False); self.bn1 = nn.BatchNorm2d(cout)
         self.relu1 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False); self.bn2 = nn.BatchNorm2d(cout)
@@ -98,7 +119,11 @@ class ResNetCifar(nn.Module):
     "CIFAR ResNet: stem, three stages of basic blocks (16/32/64 channels), global pooling, classifier"
     def __init__(self, depth=20, num_classes=10, in_channels=3, widths=(16, 32, 64)):
         super().__init__()
-        if (depth - 2) % 6 or depth < 8: raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 56, 110), got {depth}")
+        _sizes("ResNetCifar", depth=depth, num_classes=num_classes, in_channels=in_channels)
+        if (depth - 2) % 6 or depth < 8: raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 56, 110), got {depth}; pass one of those")
+        if not isinstance(widths, (tuple, list)) or len(widths) != 3:
+            raise ValueError(f"ResNetCifar: widths must be three stage widths, got {widths!r}; pass e.g. widths=(16, 32, 64)")
+        _sizes("ResNetCifar", **{f"widths[{i}]": w for i, w in enumerate(widths)})
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False); self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
@@ -131,5 +156,16 @@ def get_model(name: str, # one of `MODELS`: 'lenet5', 'vgg16_cifar', 'resnet20',
               **kwargs, # passed to the constructor (num_classes, in_channels, ...)
              ) -> nn.Module:
     "A randomly initialised model by name"
-    if name not in MODELS: raise ValueError(f"Unknown model name {name!r}: choose one of {sorted(MODELS)}.")
+    accepted = model_arguments(name)
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown: raise TypeError(f"get_model('{name}') takes {accepted}, not {unknown}; remove {unknown[0]!r}")
     return MODELS[name](**kwargs)
+
+def model_arguments(name: str, # one of `MODELS`
+                   ) -> list[str]:
+    "The keyword arguments `get_model(name, ...)` accepts"
+    if not isinstance(name, str) or name not in MODELS: raise ValueError(f"Unknown model name {name!r}: choose one of {sorted(MODELS)}.")
+    fn = MODELS[name]
+    params = list(inspect.signature(getattr(fn, "func", fn)).parameters)
+    bound = params[:len(getattr(fn, "args", ()))] + list(getattr(fn, "keywords", {}))   # fixed by a `partial` (the depth)
+    return [p for p in params if p not in bound]

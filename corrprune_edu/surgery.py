@@ -9,14 +9,14 @@ Docs: https://corrprune-edu.github.io/corrprune_edu/api/surgery.html.md"""
 
 # %% ../nbs/api/06a_surgery.ipynb #e8bdf2db
 from __future__ import annotations
-import copy, difflib
-from collections import Counter
+import copy
 
 import numpy as np
 import torch
 from torch import nn
 
 from .core import filter_counts
+from .flops import detached_hooks
 from .channels import ChannelAnalysis, ChannelGroup, PruningError, analyze_channels
 
 # %% auto #0
@@ -24,33 +24,22 @@ __all__ = ['CONVS', 'NORMS', 'check_plan', 'apply_plan', 'copy_model', 'record_p
            'merge_channels', 'plot_widths']
 
 # %% ../nbs/api/06a_surgery.ipynb #a6e41a83
-def _indices(layer: str, idx, n: int) -> list[int]:
-    if isinstance(idx, torch.Tensor): idx = idx.tolist()
-    idx = [int(i) for i in (idx.tolist() if isinstance(idx, np.ndarray) else idx)]
-    dup = sorted(i for i, c in Counter(idx).items() if c > 1)
-    if dup: raise PruningError(f"plan['{layer}'] repeats channel(s) {dup}; list each channel once.")
-    bad = [i for i in idx if not 0 <= i < n]
-    if bad: raise PruningError(f"plan['{layer}'] has channel(s) {bad} out of range: '{layer}' has {n} output channels (0..{n-1}).")
-    return idx
-
 def check_plan(analysis: ChannelAnalysis, # from `analyze_channels` on the model the plan is for
                plan: dict, # layer name -> output channel indices to remove
               ) -> set:
     "Check `plan` against the analysis (a clear `PruningError` otherwise); returns the channel roots it removes"
     a = analysis
-    if not isinstance(plan, dict): raise PruningError(f"a plan must be a dict of layer name -> channel indices, got {type(plan).__name__}")
+    if not isinstance(plan, dict):
+        raise PruningError(f"a plan must be a dict of layer name -> channel indices, got {type(plan).__name__}; "
+                           "pass e.g. {'conv1': [0, 3]}")
     removed, per_group = set(), {}
     for layer, idx in plan.items():
-        if layer not in a.outputs:
-            close = difflib.get_close_matches(str(layer), list(a.outputs), n=3)
-            raise PruningError(f"plan names '{layer}', which is not a conv or linear layer of this model"
-                               + (f"; did you mean {close}?" if close else f"; prunable layers include {list(a.outputs)[:5]}"))
-        g = a.group_of.get(layer)
-        out = a.outputs[layer]
+        producer, idx = a.plan_entry(layer, idx)            # says what `layer` really is when it is not a producer
+        g = a.group_of.get(producer)
         if g is None or not g.prunable:
             why = g.reason if g is not None else "its channels are frozen"
-            raise PruningError(f"plan names '{layer}', whose output channels cannot be pruned ({why}).")
-        roots = a.root[out[_indices(layer, idx, len(out))]].tolist()
+            raise PruningError(f"plan names '{layer}', whose output channels cannot be pruned ({why}); remove it from the plan.")
+        roots = a.root[a.outputs[producer][idx]].tolist()
         removed.update(roots); per_group.setdefault(g.name, set()).update(roots)
     for g in a.groups:
         if g.name in per_group and len(per_group[g.name]) >= g.n_channels:
@@ -72,64 +61,103 @@ def _sync_attributes(m: nn.Module, depthwise: bool):
     elif isinstance(m, NORMS): m.num_features = (m.weight if m.weight is not None else m.running_mean).shape[0]
     elif isinstance(m, nn.PReLU): m.num_parameters = m.weight.numel()
 
-def _slice_(m: nn.Module, name: str, keeps: dict):
-    "Replace tensor `name` of `m` (and its gradient) by the kept positions along each dimension in `keeps`"
+def _slice(t: torch.Tensor, keeps: dict) -> torch.Tensor:
+    "A new tensor (a new Parameter, with its gradient, for a Parameter) keeping the positions `keeps` along each dimension"
     def cut(t):
         if set(keeps) == {0, 1}:                  # outputs and inputs of one weight: a single gather
             return t[keeps[0].to(t.device)[:, None], keeps[1].to(t.device)]
         for dim, keep in keeps.items(): t = t.index_select(dim, keep.to(t.device))
         return t
-    old = getattr(m, name)
-    if isinstance(old, nn.Parameter):
-        p = nn.Parameter(cut(old.detach()), requires_grad=old.requires_grad)
-        if old.grad is not None: p.grad = cut(old.grad)
-        setattr(m, name, p)
-    else: m._buffers[name] = cut(old)
+    if not isinstance(t, nn.Parameter): return cut(t)
+    p = nn.Parameter(cut(t.detach()), requires_grad=t.requires_grad)
+    if t.grad is not None: p.grad = cut(t.grad)
+    return p
 
-def _zero_(m: nn.Module, name: str, drops: dict):
-    "Zero the dropped positions of tensor `name` of `m` (variances are set to 1 instead) and of its gradient"
-    t = getattr(m, name)
+def _zero_(t: torch.Tensor, name: str, drops: dict):
+    "Zero the dropped positions of tensor `t` called `name` (variances are set to 1 instead) and of its gradient"
     with torch.no_grad():
         for dim, drop in drops.items():
             t.index_fill_(dim, drop.to(t.device), 1.0 if name == "running_var" else 0.0)
             if isinstance(t, nn.Parameter) and t.grad is not None: t.grad.index_fill_(dim, drop.to(t.device), 0.0)
+
+def _holders(model: nn.Module) -> dict:
+    "id(parameter or buffer) -> every (module, name) that holds it (a tied weight or a reused module is held twice)"
+    out = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        for name, t in [*m._parameters.items(), *m._buffers.items()]:
+            if t is not None and (m, name) not in out.setdefault(id(t), []): out[id(t)].append((m, name))
+    return out
+
+_ATTRIBUTES = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features", "num_parameters")
+
+def _checked_tensors(model: nn.Module, a: ChannelAnalysis) -> dict:
+    "(module path, tensor name) -> {dim: atoms}, after checking that `model` still has the shapes `a` was made on"
+    modules, by_tensor = dict(model.named_modules()), {}
+    for t in a.touches: by_tensor.setdefault((t.module, t.tensor), {}).setdefault(t.dim, t.atoms)
+    for (path, name), dims in by_tensor.items():
+        tensor = getattr(modules.get(path), name, None)
+        if not isinstance(tensor, torch.Tensor):
+            raise PruningError(f"the model has no tensor '{path}.{name}', which the analysis recorded: pass the analysis "
+                               "of this model (analyse it again after changing it)")
+        for dim, atoms in dims.items():
+            if tensor.ndim <= dim or tensor.shape[dim] != len(atoms):
+                raise PruningError(f"'{path}.{name}' has shape {tuple(tensor.shape)} but the analysis expected {len(atoms)} "
+                                   f"entries along dim {dim}: analyse the model again after changing it.")
+    return by_tensor
 
 def apply_plan(model: nn.Module, # the model to change, in place
                analysis: ChannelAnalysis, # from `analyze_channels` on `model` (or on an identical copy)
                plan: dict, # layer name -> output channel indices to remove
                mode: str = "prune", # 'prune' cuts the planned channels out; 'mask' zeroes them and keeps every shape
               ) -> dict:
-    "Prune or mask `model` in place; returns the kept positions of every cut tensor: {'module.tensor': {dim: kept indices}}"
-    if mode not in ("prune", "mask"): raise ValueError(f"mode must be 'prune' or 'mask', got {mode!r}")
+    "Prune or mask `model` in place, all or nothing; returns the kept positions of every cut tensor: {'module.tensor': {dim: kept}}"
+    if mode not in ("prune", "mask"): raise ValueError(f"mode must be 'prune' or 'mask', got {mode!r}; pass one of them")
     a = analysis
-    removed = check_plan(a, plan)
-    gone = np.isin(a.root, list(removed))
-    modules = dict(model.named_modules())
-    by_tensor = {}                                   # (module, tensor) -> {dim: atoms}
-    for t in a.touches: by_tensor.setdefault((t.module, t.tensor), {}).setdefault(t.dim, t.atoms)
-    kept = {}
+    removed = check_plan(a, plan)                      # every check comes before the first change
+    by_tensor = _checked_tensors(model, a)
+    gone = np.isin(a.root, sorted(removed))
+    modules, holders = dict(model.named_modules()), _holders(model)
+    path_of = {id(m): p for p, m in modules.items()}
+    todo = []                                          # (tensor, its holders, {dim: dropped positions})
     for (path, name), dims in by_tensor.items():
-        m = modules[path]
-        tensor = getattr(m, name)
-        for dim, atoms in dims.items():
-            if tensor.shape[dim] != len(atoms):
-                raise PruningError(f"'{path}.{name}' has {tensor.shape[dim]} entries along dim {dim} but the "
-                                   f"analysis expected {len(atoms)}: analyse the model again after changing it.")
         drops = {dim: gone[atoms] for dim, atoms in dims.items() if gone[atoms].any()}
-        if not drops: continue
-        if mode == "mask": _zero_(m, name, {d: torch.from_numpy(np.flatnonzero(x)) for d, x in drops.items()})
-        else:
-            keeps = {d: torch.from_numpy(np.flatnonzero(~x)) for d, x in drops.items()}
-            _slice_(m, name, keeps)
-            kept[f"{path}.{name}" if path else name] = keeps
-    if mode == "prune":
-        for path in {p for p, _ in by_tensor}: _sync_attributes(modules[path], path in a.depthwise)
+        if drops: todo.append((getattr(modules[path], name), holders[id(getattr(modules[path], name))], drops, f"{path}.{name}" if path else name))
+    touched = list(dict.fromkeys(m for _, hs, _, _ in todo for m, _ in hs))
+    saved = [(m, name, t) for t, hs, _, _ in todo for m, name in hs]           # what to put back if anything fails
+    attrs = [(m, {k: getattr(m, k) for k in _ATTRIBUTES if hasattr(m, k)}) for m in touched]
+    values = [(t, t.detach().clone(), None if t.grad is None else t.grad.clone()) for t, _, _, _ in todo] if mode == "mask" else []
+    depthwise = {id(m) for p in a.depthwise for m, _ in holders.get(id(getattr(modules[p], "weight", None)), [])}
+    kept = {}
+    try:
+        for tensor, hs, drops, name in todo:
+            if mode == "mask": _zero_(tensor, name.rsplit(".", 1)[-1], {d: torch.from_numpy(np.flatnonzero(x)) for d, x in drops.items()})
+            else:
+                keeps = {d: torch.from_numpy(np.flatnonzero(~x)) for d, x in drops.items()}
+                new = _slice(tensor, keeps)
+                for m, n in hs:
+                    if isinstance(new, nn.Parameter): setattr(m, n, new)
+                    else: m._buffers[n] = new
+                for m, n in hs: kept[f"{path_of[id(m)]}.{n}" if path_of[id(m)] else n] = keeps
+        if mode == "prune":
+            for m in touched: _sync_attributes(m, id(m) in depthwise)
+    except BaseException:                              # all or nothing: put every tensor and attribute back
+        for m, name, t in saved:
+            if isinstance(t, nn.Parameter): setattr(m, name, t)
+            else: m._buffers[name] = t
+        for m, old in attrs:
+            for k, v in old.items(): setattr(m, k, v)
+        with torch.no_grad():
+            for t, value, grad in values:
+                t.copy_(value)
+                if grad is not None: t.grad.copy_(grad)
+        raise
     return kept
 
 def copy_model(model: nn.Module, # the model to copy
               ) -> nn.Module:
-    "A deep copy that keeps gradients (`copy.deepcopy` of a Parameter drops its `.grad`)"
-    new = copy.deepcopy(model)
+    "A deep copy with gradients (`copy.deepcopy` drops them) and without the forward/backward hooks attached to `model`"
+    if not isinstance(model, nn.Module): raise TypeError(f"copy_model copies an nn.Module, got {type(model).__name__}; pass the model")
+    with detached_hooks(model): new = copy.deepcopy(model)   # a fastai Hook holding a graph would not even copy
     for (_, p), (_, q) in zip(model.named_parameters(), new.named_parameters()):
         if p.grad is not None: q.grad = p.grad.detach().clone()
     return new
@@ -157,7 +185,7 @@ def prune_channels(model: nn.Module, # the model to prune
                    analysis: ChannelAnalysis | None = None, # reuse an analysis of this model (skips tracing)
                   ) -> nn.Module:
     "A smaller model without the planned channels; the caller's model is untouched unless `inplace`"
-    a = analysis or analyze_channels(model, _need(example_input), exclude)
+    a = _analysis(model, example_input, exclude, analysis)
     target = model if inplace else copy_model(model)
     apply_plan(target, a, plan, "prune")
     return record_pruning(target, model, plan, a, exclude)
@@ -170,14 +198,21 @@ def mask_channels(model: nn.Module, # the model to mask
                   analysis: ChannelAnalysis | None = None, # reuse an analysis of this model
                  ) -> nn.Module:
     "Same shapes as `model`, with the planned channels zeroed in every tensor their groups touch"
-    a = analysis or analyze_channels(model, _need(example_input), exclude)
+    a = _analysis(model, example_input, exclude, analysis)
     target = model if inplace else copy_model(model)
     apply_plan(target, a, plan, "mask")
     return target
 
-def _need(example_input):
-    if example_input is None: raise PruningError("pass example_input (a batch, or one input's shape such as (3, 32, 32)) so the model can be traced")
-    return example_input
+def _analysis(model, example_input, exclude, analysis) -> ChannelAnalysis:
+    "The analysis to use: the one passed, or a fresh one (which needs an example input)"
+    if analysis is not None:
+        if not isinstance(analysis, ChannelAnalysis):
+            raise TypeError(f"analysis must be a ChannelAnalysis from analyze_channels, got {type(analysis).__name__}; "
+                            "pass analysis=analyze_channels(model, example_input) or leave it out")
+        return analysis
+    if example_input is None:
+        raise PruningError("pass example_input (a batch, or one input's shape such as (3, 32, 32)) so the model can be traced")
+    return analyze_channels(model, example_input, exclude)
 
 # %% ../nbs/api/06a_surgery.ipynb #2830c54f
 def merge_channels(model: nn.Module, # the model (its readers' weights are changed in place)
@@ -187,7 +222,9 @@ def merge_channels(model: nn.Module, # the model (its readers' weights are chang
                   ) -> nn.Module:
     "Fold each dropped channel into its kept twin (drop ~ scale * keep + shift) in the layers that read the group"
     g = analysis.group(group)
-    for path, pos in analysis.consumer_positions(g).items():
+    readers = analysis.consumer_positions(g)
+    _check_merges(merges, readers, g)                     # every check before the first change
+    for path, pos in readers.items():
         reader = model.get_submodule(path)
         w = reader.weight
         todo = merges.get(path, []) if isinstance(merges, dict) else merges
@@ -198,6 +235,21 @@ def merge_channels(model: nn.Module, # the model (its readers' weights are chang
                     reader.bias += shift[0] * w[:, d].flatten(1).sum(1)
                 w[:, k] += scale * w[:, d]
     return model
+
+# %% ../nbs/api/06a_surgery.ipynb #e070c37c
+def _check_merges(merges, readers: dict, g: ChannelGroup):
+    "Clear errors for merges that name no reader of the group or hold malformed (keep, drop, scale[, shift]) tuples"
+    if isinstance(merges, dict):
+        unknown = [k for k in merges if k not in readers]
+        if unknown: raise PruningError(f"merges names {unknown}, which do not read group '{g.name}'; use its readers {list(readers)}")
+        tuples = [t for ts in merges.values() for t in ts]
+    else: tuples = list(merges)
+    for t in tuples:
+        ok = isinstance(t, (tuple, list)) and len(t) in (3, 4) and all(isinstance(i, (int, np.integer)) and not isinstance(i, bool)
+                                                                        and 0 <= i < g.n_channels for i in t[:2]) and t[0] != t[1]
+        ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in t[2:])
+        if not ok: raise PruningError(f"merges holds {t!r}; pass (keep, drop, scale[, shift]) tuples with two different "
+                                      f"channels of group '{g.name}' (0..{g.n_channels - 1}) and finite numbers")
 
 # %% ../nbs/api/06a_surgery.ipynb #586a77e4
 def plot_widths(models: dict, # label -> model, e.g. {"before": net, "after": pruned}

@@ -8,7 +8,7 @@ Docs: https://corrprune-edu.github.io/corrprune_edu/api/train.html.md"""
 
 # %% ../nbs/api/04_train.ipynb #736dbb1c
 from __future__ import annotations
-import inspect, random, time
+import random, time, warnings
 
 import numpy as np
 import pandas as pd
@@ -24,14 +24,14 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import Adam, SGD
 
-from .core import cache_dir, set_seed, stable_hash, filter_counts, describe_counts
+from .core import cache_dir, check_int, check_number, describe_counts, filter_counts, set_seed, stable_hash
 from .data import DATASETS, get_dls
 from .flops import eval_mode, count_macs, count_params, compare_latency
-from .models import get_model
+from .models import get_model, model_arguments
 
 # %% auto #0
 __all__ = ['OPTIMIZERS', 'BASELINE_FORMAT', 'make_learner', 'quiet', 'fit', 'accuracy_on', 'evaluate', 'random_state',
-           'set_random_state', 'cached_baseline', 'compare_models', 'format_comparison']
+           'set_random_state', 'load_baseline', 'cached_baseline', 'compare_models', 'format_comparison']
 
 # %% ../nbs/api/04_train.ipynb #177d1867
 OPTIMIZERS = {"adam": (Adam, 3e-3, 1e-2), "sgd": (partial(SGD, mom=0.9), 0.05, 5e-4)}
@@ -97,13 +97,8 @@ def evaluate(learn: Learner, # a learner whose `dls` has train, valid and test l
 def _build_model(name: str, dataset: str, num_classes: int) -> nn.Module:
     spec = DATASETS["mnist" if dataset.startswith("mnist") else dataset]
     kwargs = dict(num_classes=num_classes, in_channels=spec["channels"], input_size=spec["size"])
-    return get_model(name, **{k: v for k, v in kwargs.items() if _accepts(name, k)})
-
-def _accepts(name: str, arg: str) -> bool:
-    from corrprune_edu.models import MODELS
-    fn = MODELS[name]
-    fn = getattr(fn, "func", fn)
-    return arg in inspect.signature(fn).parameters
+    accepted = model_arguments(name)
+    return get_model(name, **{k: v for k, v in kwargs.items() if k in accepted})
 
 # %% ../nbs/api/04_train.ipynb #cb447ac1
 def random_state(dls=None) -> dict:
@@ -121,6 +116,30 @@ def set_random_state(state: dict, dls=None) -> None:
 # %% ../nbs/api/04_train.ipynb #18305b86
 BASELINE_FORMAT = 1  # bump when the training recipe changes, so old cache entries are not reused
 
+def _check_recipe(model, epochs, opt, lr):
+    "Clear errors for a training recipe that cannot work, before any data is read"
+    model_arguments(model)                               # an unknown model name lists the choices
+    check_int(epochs, "epochs", 1, "cached_baseline", hint="Pass e.g. epochs=3.")
+    if opt not in OPTIMIZERS: raise ValueError(f"Unknown optimiser preset {opt!r}: choose one of {sorted(OPTIMIZERS)}.")
+    if lr is not None: check_number(lr, "lr", 0, who="cached_baseline", low_open=True, hint="Pass e.g. lr=3e-3, or None for the preset's.")
+
+def load_baseline(path, # a cache file written by `cached_baseline`
+                  net: nn.Module, # the freshly built model to load the weights into
+                 ) -> dict | None:
+    "Load a cached baseline into `net` and return its metadata; `None` (with a warning naming the file) if it is unreadable"
+    try:
+        saved = torch.load(path, weights_only=True, map_location="cpu")
+        state, meta, ref = saved["state_dict"], saved["meta"], net.state_dict()
+        bad = sorted(set(ref) ^ set(state)) or [k for k in ref if tuple(state[k].shape) != tuple(ref[k].shape)]
+        if bad or not isinstance(meta, dict): raise ValueError(f"its weights do not fit {type(net).__name__} ({bad[:3]})")
+    except Exception as e:                                # truncated, corrupt, or written by something else
+        reason = next(iter(str(e).splitlines()), "").split(". ")[0]    # the first sentence says what is wrong
+        warnings.warn(f"cached baseline {path} is unreadable ({type(e).__name__}: {reason}); "
+                      "ignoring it and retraining the baseline, which replaces the file", stacklevel=3)
+        return None
+    net.load_state_dict(state)                            # checked first, so a bad file never leaves `net` half-loaded
+    return meta
+
 def cached_baseline(model: str = "lenet5", # model name (see `corrprune_edu.models.MODELS`)
                     dataset: str = "mnist", # 'mnist', 'mnist_embedded' or 'cifar10'
                     n_per_class: int | None = None, # training images per class (`None`: all)
@@ -135,6 +154,7 @@ def cached_baseline(model: str = "lenet5", # model name (see `corrprune_edu.mode
                     verbose: bool = False, # show fastai's progress table while training
                    ) -> Learner:
     "A `Learner` holding a trained baseline, trained once and then reloaded from the cache"
+    _check_recipe(model, epochs, opt, lr)                 # before any data is read
     data = dict(n_per_class=n_per_class, n_test_per_class=n_test_per_class, valid_pct=valid_pct, bs=bs, seed=seed)
     set_seed(seed)
     dls = get_dls(dataset, **data)
@@ -144,9 +164,8 @@ def cached_baseline(model: str = "lenet5", # model name (see `corrprune_edu.mode
     path = cache_dir("baselines")/f"{model}_{dataset}_{key}.pt"
     learn = make_learner(net, dls, opt=opt, lr=lr)
     if cache and path.exists():
-        saved = torch.load(path, weights_only=True, map_location="cpu")
-        net.load_state_dict(saved["state_dict"]); learn.baseline = saved["meta"]
-        return learn
+        meta = load_baseline(path, net)
+        if meta is not None: learn.baseline = meta; return learn
     as_if_reloaded = random_state(dls)
     set_seed(seed)
     t0 = time.perf_counter(); fit(learn, epochs, verbose=verbose); seconds = time.perf_counter() - t0

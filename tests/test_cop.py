@@ -392,8 +392,6 @@ def test_a_spent_callback_prunes_once_across_fits_and_fine_tune():
     assert learn.model.conv2.out_channels == after                   # a spent callback does nothing
 
 
-@pytest.mark.xfail(strict=True, reason="needs S9's hook-free tracing and copy_model (flops.detached_hooks) and B10a's prune_learner "
-                                      "that moves hooks to the pruned model, both published but not yet in main: remove this mark then")
 def test_activation_stats_hooks_do_not_disturb_the_trace():
     from fastai.callback.hook import ActivationStats
     learn = make_learner(lenet5(), small_dls())
