@@ -300,19 +300,24 @@ def progressive_admm(learn: Learner, # a fastai `Learner` holding the trained de
             raise ValueError(f"stages[{i}] allows more non-zeros than stages[{i-1}] in some layer: stages must only prune further")
     dense = {"state": copy.deepcopy(learn.model.state_dict()), "masks": None, "name": "dense"}
     pool, rows = [], []
-    for i, t in enumerate(targets):
-        start = dense if i < keep_best else max(pool, key=lambda m: m["valid_acc"])
-        learn.model.load_state_dict(start["state"])
-        res = admm_prune(learn, n_keep=t, masks=start["masks"], admm_epochs=admm_epochs, retrain_epochs=retrain_epochs, **kwargs)
-        rep = sparsity_report(learn.model)
-        entry = dict(name=f"stage {i + 1}", state=copy.deepcopy(learn.model.state_dict()), masks=res.masks, valid_acc=res.valid_acc)
-        if i < keep_best: pool.append(entry)
-        else: pool[next(j for j, m in enumerate(pool) if m is start)] = entry
-        rows.append(dict(stage=i + 1, started_from=start["name"], nonzero=int(rep.nonzero.iloc[-1]),
-                         compression=float(rep.compression.iloc[-1]), valid_acc_pruned=res.valid_acc_pruned,
-                         valid_acc=res.valid_acc, epochs=res.epochs, seconds=round(res.seconds, 1)))
-        if verbose: print(rows[-1])
-    learn.progressive_pool = [{k: v for k, v in m.items() if k != "state"} for m in pool]
+    try:
+        for i, t in enumerate(targets):
+            start = dense if i < keep_best else max(pool, key=lambda m: m["valid_acc"])
+            learn.model.load_state_dict(start["state"])
+            res = admm_prune(learn, n_keep=t, masks=start["masks"], admm_epochs=admm_epochs, retrain_epochs=retrain_epochs, **kwargs)
+            rep = sparsity_report(learn.model)
+            entry = dict(name=f"stage {i + 1}", state=copy.deepcopy(learn.model.state_dict()), masks=res.masks, valid_acc=res.valid_acc)
+            if i < keep_best: pool.append(entry)
+            else: pool[next(j for j, m in enumerate(pool) if m is start)] = entry
+            rows.append(dict(stage=i + 1, started_from=start["name"], nonzero=int(rep.nonzero.iloc[-1]),
+                             compression=float(rep.compression.iloc[-1]), valid_acc_pruned=res.valid_acc_pruned,
+                             valid_acc=res.valid_acc, epochs=res.epochs, seconds=round(res.seconds, 1)))
+            if verbose: print(rows[-1])
+    except BaseException:                       # interrupted or failed: leave the last finished stage, never a half-done one
+        last = next((m for m in pool if m["name"] == f"stage {len(rows)}"), dense)
+        learn.model.load_state_dict(last["state"])
+        raise
+    finally: learn.progressive_pool = [{k: v for k, v in m.items() if k != "state"} for m in pool]
     return pd.DataFrame(rows)
 
 # %% ../nbs/api/14_admm.ipynb #8dbff7ed

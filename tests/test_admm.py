@@ -258,3 +258,22 @@ def test_optimizer_for_the_admm_phase_only(dls):
                                         admm_opt_func=partial(SGD, mom=0.9), rho=0.05)
     assert adam_step in learn.opt.cbs                                # retraining ran with the learner's Adam
     assert learn.opt_func is adam and res.epochs == 2
+
+
+def test_interrupted_progressive_leaves_the_last_finished_stage(dls):
+    class Interrupt(Callback):
+        "Ctrl-C in the middle of the second stage"
+        def __init__(self): self.n = 0
+        def after_batch(self):
+            self.n += self.training
+            if self.n == len(self.dls.train) * 2: self.stage1 = copy.deepcopy(self.learn.model.state_dict())
+            if self.n == len(self.dls.train) * 2 + 5: raise KeyboardInterrupt()   # stage 1 is 2 epochs
+    learn = trained(dls)
+    learn.add_cb(interrupt := Interrupt())
+    with pytest.raises(KeyboardInterrupt):
+        with quiet(learn): progressive_admm(learn, [{"fc1": 40_000}, {"fc1": 20_000}], admm_epochs=1, retrain_epochs=1,
+                                            keep_best=1, lr=1e-3, rho=0.01)
+    assert len(learn.progressive_pool) == 1 and learn.progressive_pool[0]["name"] == "stage 1"
+    assert int(torch.count_nonzero(learn.model.fc1.weight)) == 40_000         # stage 1's model, not a half-done stage 2
+    assert torch.equal(learn.model.fc1.weight != 0, learn.progressive_pool[0]["masks"]["fc1.weight"])
+    assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in interrupt.stage1.items())
