@@ -5,12 +5,14 @@
     python bench/lenet5_mnist.py --methods cop,cop_fc,l1_cop,random_cop      # the COP rows
     python bench/lenet5_mnist.py --levels "" --tolerances 0.003,0.005,0.01 --methods l1,fcp   # the Play-and-Prune rows
     python bench/lenet5_mnist.py --levels "" --tolerances 0.005,0.01 --methods l1,fcp --pp-fc # ... pruning fc1 too
+    python bench/lenet5_mnist.py --levels "" --fcp-at-recorded-tolerances   # only FCP, at Play and Prune's recorded MACs
 
 Protocol (the same for every method; later methods add themselves to METHODS):
 * Baseline: `cached_baseline("lenet5", "mnist", epochs=3, seed=0)`: Caffe LeNet-5 (20-50-500-10) trained on the
   54,000 training images (6,000 held out for validation), tested on the 10,000 test images.
 * Budget: every method gets the same number of training epochs after the baseline (`--budget`, default 4),
-  however it spends them (FCP: its rounds, then fine-tuning with what is left; one-shot methods: all fine-tuning).
+  however it spends them (FCP: its rounds at a constant lr of 1e-3, then fine-tuning with what is left; one-shot
+  methods: all fine-tuning).
   Methods decide only on the validation split; the test set is read once, at the end.
 * Levels: a MACs reduction of at least 90%, 94% and 96%. Structured methods that choose their own filter counts
   (FCP) run first; L1 and random are then pruned to exactly the same filter counts, so their MACs are equal.
@@ -21,12 +23,13 @@ Protocol (the same for every method; later methods add themselves to METHODS):
 * Play and Prune (`--tolerances`) chooses its own filter counts from an accuracy tolerance (level "tol 0.5%"): its
   controller loop spends the budget but one epoch (phases of a fifth of an epoch, each annealed), then one epoch of
   one-cycle fine-tuning, kept only if still within the tolerance on validation. The methods named in `--methods` then
-  run at the same level: one-shot methods pruned to Play and Prune's exact filter counts, FCP to its MACs reduction.
+  run at the same level: one-shot methods pruned to Play and Prune's exact filter counts, FCP to its MACs reduction
+  (`--fcp-at-recorded-tolerances` reruns only those FCP rows, at the MACs reduction recorded for Play and Prune).
   With `--pp-fc`, AFP may also remove fc1's hidden units (level "tol 0.5% +fc1"); L1 and random then prune fc1 to
   the same count by the L1 norm of each unit's incoming weights.
 * One row per method and level in bench/results/lenet5_mnist.json (see corrprune_edu.results).
 """
-import argparse, copy, math, time
+import argparse, copy, json, math, time
 from pathlib import Path
 
 
@@ -47,6 +50,7 @@ SHAPE = (1, 28, 28)
 DEFAULT_BUDGET = 4      # epochs after the baseline; rows run with another budget say so in their level
 BASELINE = dict(model="lenet5", dataset="mnist", epochs=3, seed=0)
 FT_LR = 1e-3
+FCP = dict(lr=1e-3, phase_iters=40, n_pairs=0.4)    # FCP's rounds: constant lr, batches per phase, pairs per layer and round
 
 
 def baseline():
@@ -85,15 +89,15 @@ def one_shot(name, scores_fn):
     return run
 
 
-def run_fcp(level, budget, base, counts=None, phase_iters=40, n_pairs=0.4, **_):
+def run_fcp(level, budget, base, counts=None, lr=FCP["lr"], phase_iters=FCP["phase_iters"], n_pairs=FCP["n_pairs"], **_):
     "FCP rounds (correlate, fold, drop, fine-tune) to the MACs level, then one-cycle fine-tuning with the rest of the budget"
     learn, t0 = baseline(), time.perf_counter()
     set_seed(0)
-    log = fcp(learn, macs_reduction=level, n_pairs=n_pairs, correlate_iters=phase_iters, finetune_iters=phase_iters)
+    log = fcp(learn, macs_reduction=level, lr=lr, n_pairs=n_pairs, correlate_iters=phase_iters, finetune_iters=phase_iters)
     used = log.pairs.size * 2 * phase_iters / len(learn.dls.train)
     rest = max(0, math.floor(budget - used))
     if rest: fit(learn, rest, lr=FT_LR)
-    return row("fcp", level, learn, base, round(used + rest, 2), time.perf_counter() - t0, rounds=len(log),
+    return row("fcp", level, learn, base, round(used + rest, 2), time.perf_counter() - t0, rounds=len(log), fcp=dict(FCP, lr=lr),
                mean_drop_cost=round(float((log.acc_before_drop - log.acc_after_drop).mean()), 4),
                trajectory=log.drop(columns="episode").to_dict("records"))
 
@@ -147,6 +151,18 @@ def tolerance_level(tolerance, budget, base, others, with_fc=False):
     return rows
 
 
+def fcp_at_recorded_tolerances(path, budget, base):
+    "FCP rows of the tolerance levels again, each at the MACs reduction recorded for Play and Prune at that level"
+    recorded = [r for r in json.loads(Path(path).read_text())["rows"] if r["method"].startswith("play_and_prune")
+                and str(r["level"]).startswith("tol") and r.get("epochs", 0) <= budget and "epochs)" not in r["level"]]
+    rows = []
+    for pp in recorded:
+        r = run_fcp(pp["macs_reduction"], budget, base)
+        r.update(level=pp["level"], play_and_prune_run=pp["run"])
+        rows.append(r)
+    return rows
+
+
 # Methods that choose their own filter counts come first; the others prune to those counts (the first chooser's,
 # or the one named in FOLLOWS).
 METHODS = {"fcp": run_fcp, "l1": one_shot("l1", l1_scores),
@@ -166,6 +182,8 @@ def main():
     ap.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="training epochs after the baseline, for every method")
     ap.add_argument("--tolerances", default="", help="Play-and-Prune tolerances, e.g. 0.003,0.005,0.01 (then --methods run at its counts)")
     ap.add_argument("--pp-fc", action="store_true", help="Play and Prune also prunes fc1's hidden units (level 'tol x% +fc1')")
+    ap.add_argument("--fcp-at-recorded-tolerances", action="store_true",
+                    help="rerun only the FCP rows of the tolerance levels, at Play and Prune's recorded MACs reduction")
     ap.add_argument("--out", default=str(Path(__file__).parent/"results"/"lenet5_mnist.json"))
     args = ap.parse_args()
     set_threads(2)
@@ -182,15 +200,23 @@ def main():
             rows.append(r)
             print(f"{level:.2f} {name:8} {r['filters']:>14}  MACs -{100*r['macs_reduction']:.1f}%  params -{100*r['params_reduction']:.1f}%  "
                   f"test {100*r['test_acc']:.2f}% ({-r['acc_drop_points']:+.2f} pts)  {r['epochs']} epochs  {r['seconds']:.0f}s", flush=True)
-        record_run(args.out, "lenet5_mnist", rows, dict(baseline=BASELINE, budget_epochs=args.budget, fine_tune_lr=FT_LR, threads=2,
+        record_run(args.out, "lenet5_mnist", rows, dict(baseline=BASELINE, budget_epochs=args.budget, fine_tune_lr=FT_LR, threads=2, fcp=FCP,
                    protocol="one cached baseline; equal post-baseline epochs; L1/random pruned to the filter counts of the method that chose them"),
+                   description=__doc__.splitlines()[0])
+    if args.fcp_at_recorded_tolerances:
+        rows = fcp_at_recorded_tolerances(args.out, args.budget, base)
+        for r in rows:
+            print(f"{r['level']} fcp {r['filters']:>14}  MACs -{100*r['macs_reduction']:.1f}%  test {100*r['test_acc']:.2f}% "
+                  f"({-r['acc_drop_points']:+.2f} pts)  {r['epochs']} epochs  {r['seconds']:.0f}s", flush=True)
+        record_run(args.out, "lenet5_mnist", rows, dict(baseline=BASELINE, budget_epochs=args.budget, fine_tune_lr=FT_LR, threads=2, fcp=FCP,
+                   protocol="FCP to the MACs reduction recorded for Play and Prune at each tolerance level (its run id in each row)"),
                    description=__doc__.splitlines()[0])
     for tol in (float(t) for t in args.tolerances.split(",") if t):
         rows = tolerance_level(tol, args.budget, base, [m for m in methods if m], with_fc=args.pp_fc)
         for r in rows:
             print(f"{r['level']} {r['method']:14} {r['filters']:>14}  MACs -{100*r['macs_reduction']:.1f}%  params -{100*r['params_reduction']:.1f}%  "
                   f"valid {100*r['valid_acc']:.2f}%  test {100*r['test_acc']:.2f}% ({-r['acc_drop_points']:+.2f} pts)  {r['epochs']} epochs  {r['seconds']:.0f}s", flush=True)
-        record_run(args.out, "lenet5_mnist", rows, dict(baseline=BASELINE, budget_epochs=args.budget, fine_tune_lr=FT_LR, threads=2, play_and_prune=PP,
+        record_run(args.out, "lenet5_mnist", rows, dict(baseline=BASELINE, budget_epochs=args.budget, fine_tune_lr=FT_LR, threads=2, play_and_prune=PP, fcp=FCP,
                    protocol="one cached baseline; equal post-baseline epochs; Play and Prune chooses its counts from a tolerance; "
                             "one-shot methods pruned to its counts, FCP to its MACs reduction"),
                    description=__doc__.splitlines()[0])

@@ -26,7 +26,8 @@ The schedule (all in SETTINGS, stored with the results) is a CPU-sized version o
   the 4), the fair comparison with the rows above;
 * L1 at FCP's filter counts, fine-tuned for the shared 4 epochs (`l1_fcp`) and as long as FCP trained in all
   (`l1_fcp_long`): separates FCP's choice of channels from its allocation and from its extra training.
-  A run resumes from the rows already recorded (partial cache, else the results file).
+  A run resumes from the rows already recorded (partial cache, else the results file); `--rerun` names the methods
+  to measure again all the same (e.g. the FCP rows after a fix: `--rerun fcp,fcp_budget,l1_fcp,l1_fcp_long`).
 
 One seed (CPU budget): differences below about one point of accuracy are within seed noise for this protocol.
 """
@@ -94,6 +95,7 @@ def main():
     ap.add_argument("--out", default="bench/results/resnet20_cifar10.json")
     ap.add_argument("--levels", default="", help="comma-separated subset of SETTINGS['levels'] to run (default: all)")
     ap.add_argument("--methods", default="cop,l1,random,l1_uniform,fcp", help="comma-separated subset of the methods to run")
+    ap.add_argument("--rerun", default="", help="comma-separated methods to measure again even if rows for them are recorded")
     args = ap.parse_args()
     cfg = QUICK if args.quick else SETTINGS
     set_threads(cfg["threads"])
@@ -105,6 +107,7 @@ def main():
     rows = json.loads(partial.read_text()) if partial.exists() and not args.quick else []
     if not rows and Path(args.out).exists() and not args.quick:    # rows recorded by an earlier complete run
         rows = [{k: v for k, v in r.items() if k != "run"} for r in json.loads(Path(args.out).read_text())["rows"]]
+    rows = [r for r in rows if r["method"] not in args.rerun.split(",")]
     done = {(r["method"], r["level"]) for r in rows}
     if args.levels:                       # after the resume key: a partial run continues the same file
         cfg = dict(cfg, levels=[float(v) for v in args.levels.split(",")])

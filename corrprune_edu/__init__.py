@@ -4,7 +4,7 @@ Modules:
 
 - `corrprune_edu.admm`: Weight pruning as constrained optimisation (Ye et al. 2018): ADMM-regularised training, hard pruning and masked retraining, and the progressive schedule that reaches high rates through partial prunings, inside `learn.fit`
 - `corrprune_edu.channels`: Which channels are coupled to which layers: run the model once, follow every channel through every operation, and group the channels that can only be pruned together
-- `corrprune_edu.checkpoint`: Prune a fastai `Learner`'s model in the middle of `fit` without losing the optimiser's hyper-parameters or state, and save and load pruned models
+- `corrprune_edu.checkpoint`: Prune a fastai `Learner`'s model in the middle of `fit` without losing the optimiser's hyper-parameters, state or the user's hooks; checkpoint and restore a Learner; save and load pruned models, also through `learn.save` / `learn.load`
 - `corrprune_edu.checks`: Feedback that teaches: every check names the task, the input it tried, what it expected and what came back, and says what is probably wrong
 - `corrprune_edu.cop`: Customised pruning: remove the channels the next layer reads alike, weighted by what their layers cost in parameters or FLOPs, globally and one filter at a time (Wang et al., IJCAI 2019)
 - `corrprune_edu.core`: Argument checks, seeding, threads, the cache folder, the tie rule, the finiteness check: the helpers every other module leans on

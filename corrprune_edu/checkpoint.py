@@ -1,8 +1,10 @@
-"""Prune a fastai `Learner`'s model in the middle of `fit` without losing the optimiser's hyper-parameters or state, and save and load pruned models
+"""Prune a fastai `Learner`'s model in the middle of `fit` without losing the optimiser's hyper-parameters, state or the user's hooks; checkpoint and restore a Learner; save and load pruned models, also through `learn.save` / `learn.load`
 
 Surgery inside a fastai `Learner`: the optimiser rebuilt over the pruned model with its hyper-parameters, frozen
-groups and per-parameter state (`rebuild_optimizer`, `optimizer_state`, `prune_learner`), and pruned models saved and
-loaded by replaying their pruning history (`save_pruned`, `load_pruned`).
+groups and per-parameter state (`rebuild_optimizer`, `optimizer_state`, `prune_learner`), the user's hooks moved to
+the new model (`move_hooks`), one checkpoint/restore helper every rollback uses (`Checkpoint`), a guard for
+`lr_find` (`in_lr_find`), and pruned models saved and loaded by replaying their pruning history (`save_pruned`,
+`load_pruned`, and fastai's own `learn.save` / `learn.load`).
 
 Docs: https://corrprune-edu.github.io/corrprune_edu/api/checkpoint.html.md"""
 
@@ -10,16 +12,29 @@ Docs: https://corrprune-edu.github.io/corrprune_edu/api/checkpoint.html.md"""
 
 # %% ../nbs/api/06b_checkpoint.ipynb #a1cd1842
 from __future__ import annotations
+import copy, warnings, weakref
+from collections import OrderedDict
 
+import numpy as np
 import torch
 from torch import nn
+from fastai.callback.hook import HookCallback
+from fastai.callback.schedule import LRFinder
+from fastai.learner import Learner
+from fastai.torch_core import get_model, rank_distrib
+from fastcore.basics import patch
+from fastcore.foundation import L
+from fastcore.xtras import join_path_file
 
 from .core import filter_counts
 from .channels import PruningError, analyze_channels
 from .surgery import apply_plan, copy_model, prune_channels, record_pruning
 
 # %% auto #0
-__all__ = ['optimizer_state', 'rebuild_optimizer', 'learner_example', 'prune_learner', 'save_pruned', 'load_pruned']
+__all__ = ['FASTAI_SAFE_GLOBALS', 'fastai_save', 'fastai_load', 'optimizer_state', 'named_optimizer_state', 'load_named_state',
+           'rebuild_optimizer', 'move_hooks', 'remember_unpruned', 'unpruned_model', 'learner_example',
+           'retarget_hook_callbacks', 'swap_model', 'prune_learner', 'Checkpoint', 'in_lr_find', 'pruning_record',
+           'replay_pruning', 'read_checkpoint', 'save_pruned', 'load_pruned']
 
 # %% ../nbs/api/06b_checkpoint.ipynb #bd1c6c3d
 def optimizer_state(opt, # a fastai `Optimizer`, or an `OptimWrapper` around a PyTorch optimiser
@@ -27,11 +42,31 @@ def optimizer_state(opt, # a fastai `Optimizer`, or an `OptimWrapper` around a P
     "The per-parameter state dict of a fastai optimiser (or of the PyTorch optimiser inside an `OptimWrapper`)"
     return opt.opt.state if hasattr(opt, "opt") and hasattr(opt.opt, "state") else opt.state
 
+def _clone(v): return v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+
+def named_optimizer_state(learn, # a fastai `Learner`
+                         ) -> dict:
+    "A copy of `learn.opt`'s per-parameter state keyed by parameter name: {name: {key: value}} (empty without an optimiser)"
+    if learn.opt is None: return {}
+    st = optimizer_state(learn.opt)
+    return {n: {k: _clone(v) for k, v in st[p].items()} for n, p in learn.model.named_parameters() if p in st}
+
+def load_named_state(learn, # a fastai `Learner` with an optimiser over its current model
+                     state: dict, # {parameter name: {key: value}}, e.g. from `named_optimizer_state`
+                    ):
+    "Give `learn.opt` the state of every parameter named in `state` (tensors are copied, so `state` can be reused)"
+    st = optimizer_state(learn.opt)
+    for n, p in learn.model.named_parameters():
+        if n in state: st[p] = {**st.get(p, {}), **{k: _clone(v) for k, v in state[n].items()}}
+
 # %% ../nbs/api/06b_checkpoint.ipynb #1e773303
 def rebuild_optimizer(learn, # a fastai `Learner` whose model was replaced
-                      old_opt, # its optimiser before the change: hyper-parameters and frozen groups come from it
+                      old_opt=None, # its optimiser before the change: hyper-parameters and frozen groups come from it
+                      hypers: list | None = None, # or: the hyper-parameters of every parameter group (as `opt.hypers`)
+                      frozen_idx: int = 0, # or: how many parameter groups are frozen (as `opt.frozen_idx`)
                      ):
-    "A new optimiser over `learn.model`, with the old one's hyper-parameters and frozen groups; `requires_grad` is kept"
+    "A new optimiser over `learn.model`, with the old one's (or the given) hyper-parameters and frozen groups; `requires_grad` is kept"
+    if old_opt is not None: hypers, frozen_idx = old_opt.hypers, getattr(old_opt, "frozen_idx", 0)
     # fastai's default splitter keeps only trainable parameters: with frozen layers, `create_opt` would leave
     # them out for good, and a later `unfreeze` could not train them. So build it with everything trainable.
     flags = [(p, p.requires_grad) for p in learn.model.parameters()]
@@ -39,16 +74,60 @@ def rebuild_optimizer(learn, # a fastai `Learner` whose model was replaced
     try: learn.create_opt()
     finally:
         for p, f in flags: p.requires_grad_(f)
-    for new_h, old_h in zip(learn.opt.hypers, old_opt.hypers): new_h.update(old_h)
-    if getattr(old_opt, "frozen_idx", 0): learn.opt.freeze_to(old_opt.frozen_idx)
+    if hypers:
+        if len(hypers) != len(learn.opt.hypers):
+            raise PruningError(f"the optimiser has {len(learn.opt.hypers)} parameter groups now but {len(hypers)} before: "
+                               "keep the learner's splitter unchanged while pruning")
+        for k in hypers[0]: learn.opt.set_hyper(k, [h[k] for h in hypers])
+    if frozen_idx: learn.opt.freeze_to(frozen_idx)
+
+# %% ../nbs/api/06b_checkpoint.ipynb #214eb47d
+# torch's hook tables, each with the dicts that flag its entries (kwargs, always called)
+_HOOK_TABLES = {"_forward_pre_hooks": ("_forward_pre_hooks_with_kwargs",),
+                "_forward_hooks": ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"),
+                "_backward_pre_hooks": (), "_backward_hooks": ()}
+
+def move_hooks(src: nn.Module, # the model the hooks are on now
+               dst: nn.Module, # the model that replaces it, made by `copy_model` (module names as in `src`)
+              ) -> int:
+    "Move the user's forward/backward hooks from `src`'s modules to the modules of the same name in `dst`; returns how many moved"
+    targets, moved = dict(dst.named_modules()), 0
+    for name, m in src.named_modules():
+        t = targets.get(name)
+        if t is None or t is m: continue
+        for table, flags in _HOOK_TABLES.items():
+            moved += len(getattr(m, table, {})) - len(getattr(t, table, {}))
+            for a in (table, *flags):
+                if a not in vars(m): continue
+                theirs, own = m.__dict__[a], t.__dict__.get(a, OrderedDict())
+                keep = OrderedDict((k, v) for k, v in theirs.items() if k in own)   # a module's own hooks (copied) stay with it
+                theirs.update(own)                       # dst's copies of its own hooks take their places
+                t.__dict__[a], m.__dict__[a] = theirs, keep
+        if getattr(m, "_is_full_backward_hook", None) is not None: t._is_full_backward_hook = m._is_full_backward_hook
+    return moved
+
+# %% ../nbs/api/06b_checkpoint.ipynb #eff5e712
+_UNPRUNED = weakref.WeakKeyDictionary()        # learner -> hook-free copy of its model before the first cut
+
+def remember_unpruned(learn, # a fastai `Learner`
+                      model: nn.Module, # its model, about to be pruned
+                     ):
+    "Keep a copy of `model` as `learn`'s unpruned architecture if it was never pruned (weights do not matter)"
+    if not getattr(model, "pruning_history", None): _UNPRUNED[learn] = copy_model(model)
+
+def unpruned_model(learn, # a fastai `Learner`
+                  ) -> nn.Module | None:
+    "A fresh copy of the architecture `learn.model` was first pruned from (None if it was never pruned in `learn`)"
+    m = _UNPRUNED.get(learn)
+    return None if m is None else copy_model(m)
 
 # %% ../nbs/api/06b_checkpoint.ipynb #ff168579
 def _carry(old_state: dict, old_param: torch.Tensor, slices: dict) -> dict:
+    "One parameter's optimiser state, with every tensor of the parameter's shape cut to the kept slices"
     new = {}
     for k, v in old_state.items():
         if isinstance(v, torch.Tensor) and v.shape == old_param.shape:
             for dim, keep in slices.items(): v = v.index_select(dim, keep.to(v.device))
-            v = v.clone()
         new[k] = v
     return new
 
@@ -67,49 +146,233 @@ def learner_example(learn) -> torch.Tensor:
     x = xb[0] if isinstance(xb, tuple) and xb and isinstance(xb[0], torch.Tensor) else learn.dls.valid.one_batch()[0]
     return x[:2].as_subclass(torch.Tensor).detach()
 
+def retarget_hook_callbacks(learn, # a fastai `Learner`
+                             old: nn.Module, # the model its callbacks hook now
+                             new: nn.Module, # the model that replaces it
+                            ):
+    "Point fastai's `HookCallback`s (`ActivationStats`, ...) at the new model's modules, which they hook again every `every` batches"
+    by_name, name_of = dict(new.named_modules()), {id(m): n for n, m in old.named_modules()}
+    for cb in learn.cbs:
+        if isinstance(cb, HookCallback) and cb.modules is not None:
+            cb.modules = [by_name.get(name_of.get(id(m)), m) for m in cb.modules]
+
+def swap_model(learn, # a fastai `Learner`
+               model: nn.Module, # the model that replaces `learn.model` (same parameter names)
+               opt_state: dict | None = None, # optimiser state by parameter name for the new optimiser
+               hypers: list | None = None, # hyper-parameters per parameter group (default: the current optimiser's)
+               frozen_idx: int | None = None, # frozen parameter groups (default: the current optimiser's)
+              ):
+    "Put `model` in `learn` with a rebuilt optimiser and the user's hooks moved over; all or nothing"
+    old_model, old_opt = learn.model, learn.opt
+    learn.model = model
+    try:
+        if old_opt is not None or hypers is not None:
+            rebuild_optimizer(learn, hypers=old_opt.hypers if hypers is None else hypers,
+                              frozen_idx=getattr(old_opt, "frozen_idx", 0) if frozen_idx is None else frozen_idx)
+            load_named_state(learn, opt_state or {})
+            _check_opt(learn)
+    except BaseException:
+        learn.model, learn.opt = old_model, old_opt
+        raise
+    move_hooks(old_model, model)
+    retarget_hook_callbacks(learn, old_model, model)
+    return learn
+
 def prune_learner(learn, # a fastai `Learner`, possibly in the middle of `fit`
                   plan: dict, # layer name -> output channel indices to remove
                   example_input=None, # a batch or one input's shape (default: taken from the learner's data)
                   exclude=(), # module paths to treat as opaque boxes
                  ) -> dict:
-    "Prune `learn.model` with surgery and rebuild its optimiser, carrying per-parameter state over; returns a summary"
-    old_model, old_opt = learn.model, learn.opt
+    "Prune `learn.model` with surgery and rebuild its optimiser, carrying per-parameter state and hooks over; returns a summary"
+    old_model = learn.model
     if example_input is None: example_input = learner_example(learn)
-    a = analyze_channels(old_model, example_input, exclude)
-    new_model = copy_model(old_model)
+    new_model = copy_model(old_model)                        # hook-free: the user's hooks do not see the tracing
+    a = analyze_channels(new_model, example_input, exclude)
     kept = apply_plan(new_model, a, plan, "prune")
     record_pruning(new_model, old_model, plan, a, exclude)
     n_old, n_new = sum(p.numel() for p in old_model.parameters()), sum(p.numel() for p in new_model.parameters())
     if plan and any(len(v) for v in plan.values()) and n_new >= n_old:
         raise PruningError("surgery removed no parameter although the plan is not empty; this is a bug, please report it")
-    learn.model = new_model
-    if old_opt is None: return dict(params_before=n_old, params_after=n_new)
-    rebuild_optimizer(learn, old_opt)
-    old_params, old_state, new_state = dict(old_model.named_parameters()), optimizer_state(old_opt), optimizer_state(learn.opt)
-    for name, p in new_model.named_parameters():
-        q = old_params[name]
-        if q in old_state: new_state[p] = {**new_state.get(p, {}), **_carry(old_state[q], q, kept.get(name, {}))}
-    _check_opt(learn)
+    old_params = dict(old_model.named_parameters())
+    state = {n: _carry(s, old_params[n], kept.get(n, {})) for n, s in named_optimizer_state(learn).items()}
+    remember_unpruned(learn, old_model)
+    swap_model(learn, new_model, state)
     return dict(params_before=n_old, params_after=n_new)
 
+# %% ../nbs/api/06b_checkpoint.ipynb #da03608d
+class Checkpoint:
+    "A learner's model, optimiser state (by parameter name), hyper-parameters, frozen state and extras, to restore later"
+    def __init__(self, learn, # the fastai `Learner` to capture
+                 **extra, # anything else to keep with it (deep-copied)
+                ):
+        self.model = copy_model(learn.model)
+        self.trainable = {n: p.requires_grad for n, p in learn.model.named_parameters()}
+        opt = learn.opt
+        self.hypers = None if opt is None else [dict(h) for h in opt.hypers]
+        self.frozen_idx = None if opt is None else getattr(opt, "frozen_idx", 0)
+        self.opt_state = named_optimizer_state(learn)
+        self.extra = copy.deepcopy(extra)
+
+    def __repr__(self):
+        return (f"Checkpoint({type(self.model).__name__} with filters {filter_counts(self.model)}, "
+                f"optimiser state for {len(self.opt_state)} parameters, extra={sorted(self.extra)})")
+
+    def restore(self, learn, # the fastai `Learner` to put the checkpoint back into
+               ) -> dict:
+        "Put a fresh copy of the model back into `learn` with its optimiser state, hypers and frozen state; returns the extras"
+        model = copy_model(self.model)
+        for n, p in model.named_parameters(): p.requires_grad_(self.trainable[n])
+        swap_model(learn, model, self.opt_state, self.hypers, self.frozen_idx)
+        for n, p in learn.model.named_parameters(): p.requires_grad_(self.trainable[n])   # as captured, whatever freeze_to did
+        return copy.deepcopy(self.extra)
+
+# %% ../nbs/api/06b_checkpoint.ipynb #8a4a6143
+def in_lr_find(learn, # a fastai `Learner`
+              ) -> bool:
+    "True while `learn.lr_find()` runs (its `LRFinder` callback is attached)"
+    return any(isinstance(cb, LRFinder) for cb in getattr(learn, "cbs", []))
+
 # %% ../nbs/api/06b_checkpoint.ipynb #5a6eb1a7
+def pruning_record(model: nn.Module, # a (possibly) pruned model
+                  ) -> dict:
+    "What rebuilds `model`'s shape from a fresh model of its architecture: its pruning history and filter counts"
+    history = [dict(plan={k: [int(i) for i in v] for k, v in h["plan"].items()}, input_shape=[int(s) for s in h["input_shape"]],
+                    exclude=[str(e) for e in h.get("exclude", [])]) for h in getattr(model, "pruning_history", [])]
+    return dict(history=history, filter_counts=filter_counts(model))
+
+def replay_pruning(model: nn.Module, # a fresh model of the architecture the history was recorded on (not changed)
+                   history: list, # pruning steps, as in `pruning_record(model)["history"]`
+                   source: str = "the pruning history", # what the history came from, for error messages
+                  ) -> nn.Module:
+    "A copy of `model` with every step of `history` applied, in order"
+    new = copy_model(model)
+    for k, step in enumerate(history):
+        try: new = prune_channels(new, step["plan"], tuple(step["input_shape"]), inplace=True, exclude=step["exclude"])
+        except Exception as e:
+            raise PruningError(f"step {k + 1} of {source} does not fit this {type(model).__name__} ({e}); pass a fresh, "
+                               "unpruned model of the architecture the file was saved from") from e
+    return new
+
+# what fastai's own `load_model` allows besides tensors: its `L` lists and numpy scalars (in optimiser hyper-parameters)
+_np_core = getattr(np, "_core", None) or np.core
+FASTAI_SAFE_GLOBALS = [L, _np_core.multiarray.scalar, np.dtype, *[getattr(np.dtypes, d) for d in np.dtypes.__all__]]
+
+def read_checkpoint(path, # a file written by `save_pruned` or `learn.save` (or a plain `state_dict`)
+                   ) -> tuple[dict, dict | None, dict | None]:
+    "The weights, the pruning record (None for a file of an unpruned model) and the optimiser state in `path`, read with `weights_only=True`"
+    try:
+        with torch.serialization.safe_globals(FASTAI_SAFE_GLOBALS): saved = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError: raise
+    except Exception as e:
+        raise PruningError(f"'{path}' could not be read as a weights-only torch file ({type(e).__name__}: {str(e)[:200]}); "
+                           "it is truncated or not a checkpoint: save it again") from e
+    if not isinstance(saved, dict): raise PruningError(f"'{path}' holds a {type(saved).__name__}, not a checkpoint (a dict of tensors)")
+    if "pruning_history" in saved:                                    # files of corrprune_edu <= 0.1
+        return saved["state_dict"], dict(history=saved["pruning_history"], filter_counts=saved["filter_counts"]), None
+    if "pruning" in saved: return saved["model"], saved["pruning"], saved.get("opt")
+    if set(saved) == {"model", "opt"}: return saved["model"], None, saved["opt"]    # fastai's `save_model` with the optimiser
+    return saved, None, None
+
+def _load_weights(model: nn.Module, weights: dict, record: dict | None, path, strict: bool = True):
+    "Load `weights` into `model` (already replayed to the record's shape), with an error that says what to do"
+    if record is not None and filter_counts(model) != record["filter_counts"]:
+        raise PruningError(f"replaying the pruning history of '{path}' on this {type(model).__name__} gives filter counts "
+                           f"{filter_counts(model)}, not the saved {record['filter_counts']}: pass a fresh, unpruned "
+                           "model of the architecture the file was saved from")
+    try: model.load_state_dict(weights, strict=strict)
+    except RuntimeError as e:
+        hint = ("it has no pruning history, so it is the state_dict of an unpruned model of another architecture or a plain "
+                "state_dict of a pruned one: save pruned models with `save_pruned` or `learn.save`") if record is None else \
+               "pass a fresh, unpruned model of the architecture the file was saved from"
+        raise PruningError(f"the weights in '{path}' do not fit this {type(model).__name__}: {hint} ({str(e)[:300]})") from e
+    return model
+
 def save_pruned(model: nn.Module, # a (possibly) pruned model
                 path, # file to write
                ):
     "Save the weights and the pruning history that rebuilds the model's shape"
-    history = [dict(plan=h["plan"], input_shape=list(h["input_shape"]), exclude=list(h.get("exclude", [])))
-               for h in getattr(model, "pruning_history", [])]
-    torch.save(dict(state_dict=model.state_dict(), pruning_history=history, filter_counts=filter_counts(model)), path)
+    torch.save(dict(model=model.state_dict(), pruning=pruning_record(model)), path)
 
-def load_pruned(path, # file written by `save_pruned`
-                model: nn.Module, # a fresh, unpruned model of the same family (e.g. `lenet5()`)
+def load_pruned(path, # file written by `save_pruned` or `learn.save`
+                model: nn.Module, # a fresh, unpruned model of the same architecture (e.g. `lenet5()`); not changed
                ) -> nn.Module:
-    "Replay the saved pruning history on `model`, load the weights, and return it"
-    saved = torch.load(path, weights_only=True, map_location="cpu")
-    for step in saved["pruning_history"]:
-        model = prune_channels(model, step["plan"], tuple(step["input_shape"]), inplace=True, exclude=step["exclude"])
-    if filter_counts(model) != saved["filter_counts"]:
-        raise PruningError(f"replaying the pruning history on a fresh {type(model).__name__} gives filter counts "
-                           f"{filter_counts(model)}, not the saved {saved['filter_counts']}: pass a model of the same family")
-    model.load_state_dict(saved["state_dict"])
-    return model
+    "A copy of `model` with the saved pruning history replayed and the saved weights loaded"
+    weights, record, _ = read_checkpoint(path)
+    new = replay_pruning(model, record["history"] if record else [], f"the pruning history of '{path}'")
+    return _load_weights(new, weights, record, path)
+
+# %% ../nbs/api/06b_checkpoint.ipynb #d366047c
+def _fastai_own(name: str):
+    "fastai's own `Learner.<name>`, even when this module was imported (and patched it) before"
+    f = getattr(Learner, name)
+    return getattr(f, "fastai_own", f)
+
+fastai_save, fastai_load = _fastai_own("save"), _fastai_own("load")
+
+def _plain(o):
+    "fastai's optimiser state with `L`s and numpy scalars turned into lists and numbers, so it loads with `weights_only=True`"
+    if isinstance(o, dict): return {k: _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple, L)): return [_plain(v) for v in o]
+    return o.item() if hasattr(o, "item") and not isinstance(o, torch.Tensor) else o
+
+def _history(model: nn.Module) -> list: return pruning_record(model)["history"]
+
+@patch
+def save(self: Learner, file, # file name in `learn.path/learn.model_dir`, or a path
+         with_opt: bool = True, # save the optimiser's state too
+         pickle_protocol: int = 2, # passed to `torch.save`
+         **kwargs, # passed to fastai's own `save` (unpruned models)
+        ):
+    "fastai's `Learner.save`; a pruned model's file also holds its pruning record, so `learn.load` can rebuild its shape"
+    model = get_model(self.model)
+    if not getattr(model, "pruning_history", None): return fastai_save(self, file, with_opt=with_opt, pickle_protocol=pickle_protocol, **kwargs)
+    file = join_path_file(file, self.path/self.model_dir, ext=".pth")
+    if rank_distrib(): return file
+    state = dict(model=model.state_dict(), pruning=pruning_record(model))
+    if with_opt and self.opt is not None: state["opt"] = _plain(self.opt.state_dict())
+    torch.save(state, file, pickle_protocol=pickle_protocol)
+    return file
+
+def _replay_for(learn, record: dict | None, path) -> nn.Module:
+    "A new model for `learn` in the file's shape: the file's history replayed on the learner's model or its unpruned architecture"
+    saved, current = (record or {}).get("history", []), _history(get_model(learn.model))
+    if saved[:len(current)] == current: return replay_pruning(get_model(learn.model), saved[len(current):], f"the pruning history of '{path}'")
+    base = _UNPRUNED.get(learn)
+    if base is None:
+        raise PruningError(f"'{path}' was saved before pruning steps that learn.model has had, and this learner does not know "
+                           "the unpruned architecture to replay it on: load it into a fresh Learner built around a fresh, "
+                           "unpruned model of the same architecture")
+    return replay_pruning(base, saved, f"the pruning history of '{path}'")
+
+def _load_opt(learn, opt_state):
+    "Load a saved optimiser state as fastai's `load_model` does (a warning if it does not fit)"
+    if "hypers" in opt_state: opt_state = {**opt_state, "hypers": L(opt_state["hypers"])}
+    try: learn.opt.load_state_dict(opt_state)
+    except Exception: warnings.warn("Could not load the optimizer state.")
+
+@patch
+def load(self: Learner, file, # file name in `learn.path/learn.model_dir`, or a path
+         device=None, # where to put the model (default: where `learn.model` is)
+         with_opt: bool = True, # load the optimiser's state too, if the file has it
+         strict: bool = True, # passed to `load_state_dict`
+         **kwargs, # passed to fastai's own `load` (files and learners of unpruned models)
+        ):
+    "fastai's `Learner.load`; a file of a pruned model (or a pruned `learn.model`) gets the file's pruning history replayed first"
+    path = join_path_file(file, self.path/self.model_dir, ext=".pth")
+    pruned_now = bool(getattr(get_model(self.model), "pruning_history", None))
+    try: weights, record, opt_state = read_checkpoint(path)
+    except PruningError:
+        if pruned_now: raise
+        return fastai_load(self, file, device=device, with_opt=with_opt, strict=strict, **kwargs)   # not weights-only: fastai's business
+    if record is None and not pruned_now:
+        return fastai_load(self, file, device=device, with_opt=with_opt, strict=strict, **kwargs)
+    if self.opt is None: self.create_opt()                           # as fastai's `load` does
+    model = _load_weights(_replay_for(self, record, path), weights, record, path, strict)
+    model.to(device if device is not None else next(get_model(self.model).parameters()).device)
+    remember_unpruned(self, get_model(self.model))
+    swap_model(self, model)
+    if with_opt and opt_state is not None: _load_opt(self, opt_state)
+    elif with_opt: warnings.warn("Saved file doesn't contain an optimizer state.")
+    return self
+
+Learner.save.fastai_own, Learner.load.fastai_own = fastai_save, fastai_load

@@ -1,6 +1,7 @@
 """Pick the most correlated filter pairs, train them to be even more correlated, drop one of each pair, fine-tune, repeat (Singh et al., WACV 2020)
 
-FCP: correlate-then-drop filter pruning as a fastai callback (`FCPCallback`) and a function (`fcp`).
+FCP: correlate-then-drop filter pruning as a method object (`FCP`, one method per step, its state kept across fits),
+a thin fastai callback over it (`FCPCallback`) and a function (`fcp`).
 
 Docs: https://corrprune-edu.github.io/corrprune_edu/api/fcp.html.md"""
 
@@ -8,26 +9,29 @@ Docs: https://corrprune-edu.github.io/corrprune_edu/api/fcp.html.md"""
 
 # %% ../nbs/api/11_fcp.ipynb #7fce0f71
 from __future__ import annotations
-import copy, math, time
+import math, time, warnings
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.training import GradientAccumulation
+from fastcore.basics import patch
 from fastcore.meta import delegates
 
-from .core import describe_counts, filter_counts
+from .core import check_finite, check_int, check_number, describe_counts, filter_counts
 from .correlation import group_filters
+from .criteria import select_groups
 from .flops import CostModel, count_macs, count_params, eval_mode
-from .pairs import FilterPair, default_pairs_per_layer, plan_from_pairs, select_pairs
-from .channels import ChannelAnalysis, analyze_channels
-from .surgery import merge_channels
-from .checkpoint import prune_learner
+from .pairs import DROP_RULES, FilterPair, default_pairs_per_layer, plan_from_pairs, select_pairs
+from .channels import ChannelAnalysis, ChannelGroup, analyze_channels
+from .surgery import copy_model, merge_channels
+from .checkpoint import Checkpoint, in_lr_find, learner_example, named_optimizer_state, prune_learner, swap_model
 from .train import accuracy_on, quiet
 
 # %% auto #0
-__all__ = ['FORMS', 'pair_correlations', 'correlation_penalty', 'fit_channel_maps', 'fold_pairs', 'FCPCallback', 'fcp',
+__all__ = ['FORMS', 'pair_correlations', 'correlation_penalty', 'fit_channel_maps', 'fold_pairs', 'FCP', 'FCPCallback', 'fcp',
            'plot_fcp']
 
 # %% ../nbs/api/11_fcp.ipynb #aea0bc1c
@@ -97,9 +101,11 @@ def fold_pairs(model: nn.Module, analysis: ChannelAnalysis, pairs: list[FilterPa
     return model
 
 # %% ../nbs/api/11_fcp.ipynb #e8ebd82f
-class FCPCallback(Callback):
-    "Filter-correlation pruning in rounds (episode, correlate, drop, fine-tune) inside `learn.fit`"
-    order, run_valid = 50, False
+def _fraction(value, name: str, low_open: bool, hint: str):
+    return None if value is None else check_number(value, name, 0, 1, "FCP", low_open=low_open, high_open=True, hint=hint)
+
+class FCP:
+    "An FCP run on one learner: settings, state across fits (baseline, rounds, log, best accepted model), one method per step"
     def __init__(self,
                  macs_reduction: float | None = None, # stop once this fraction of the MACs is gone
                  tolerance: float | None = None, # accuracy you can lose (fraction, 0.01 = one point): stop, keeping the last good round, past it
@@ -116,134 +122,258 @@ class FCPCallback(Callback):
                  fold: bool = True, # fold each dropped filter into its partner (fitted on the current batch) before surgery
                  min_channels: int = 2, # never take a layer below this many filters
                  groups=None, # what to prune: group names, 'all', 'untied' or a predicate (see `select_pairs`; default: every prunable conv group)
-                 max_rounds: int = 50, # hard limit on rounds
+                 max_rounds: int = 50, # hard limit on rounds, over all fits
                  episodes: list | None = None, # replay these episodes (lists of `FilterPair`) instead of selecting
                  keep_correlated: bool = False, # keep a copy of the model right before each drop (for plots)
                  verbose: bool = False, # print a line per round
                 ):
         if macs_reduction is None and tolerance is None and episodes is None:
-            raise ValueError("FCPCallback needs a stop rule: macs_reduction, tolerance, or episodes to replay")
-        if macs_reduction is not None and not 0 < macs_reduction < 1:
-            raise ValueError(f"macs_reduction is a fraction in (0, 1), got {macs_reduction}")
-        if tolerance is not None and not 0 <= tolerance < 1:
-            raise ValueError(f"tolerance is a fraction of accuracy in [0, 1) (0.01 = one point), got {tolerance}")
-        if form not in FORMS: raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-        self.__dict__.update({k: v for k, v in locals().items() if k != "self"})
+            raise ValueError("FCP needs a stop rule: pass macs_reduction, tolerance, or episodes to replay")
+        self.macs_reduction = _fraction(macs_reduction, "macs_reduction", True, "It is a fraction: 0.5 removes half of the MACs.")
+        self.tolerance = _fraction(tolerance, "tolerance", False, "It is a fraction of accuracy: 0.01 is one percentage point.")
+        self.lam = check_number(lam, "lam", 0, None, "FCP", hint="Use 0 to drop without correlating.")
+        self.correlate_iters, self.finetune_iters = [None if v is None else check_int(v, k, 1, "FCP", "None means one epoch.")
+                                                     for k, v in (("correlate_iters", correlate_iters), ("finetune_iters", finetune_iters))]
+        self.n_total = None if n_total is None else check_int(n_total, "n_total", 1, "FCP")
+        self.min_channels, self.max_rounds = check_int(min_channels, "min_channels", 1, "FCP"), check_int(max_rounds, "max_rounds", 1, "FCP")
+        if form not in FORMS: raise ValueError(f"FCP: form must be one of {FORMS}, got {form!r}")
+        if drop_rule not in DROP_RULES: raise ValueError(f"FCP: drop_rule must be one of {DROP_RULES}, got {drop_rule!r}")
+        if episodes is not None and not all(isinstance(p, FilterPair) for e in episodes for p in e):
+            raise TypeError("FCP: episodes must be lists of FilterPair, e.g. a previous run's `recorded`")
+        self.n_pairs, self.measure, self.form, self.per_layer, self.centred = n_pairs, measure, form, per_layer, centred
+        self.drop_rule, self.fold, self.groups, self.keep_correlated, self.verbose = drop_rule, fold, groups, keep_correlated, verbose
+        self.episodes = None if episodes is None else [list(e) for e in episodes]
         self.log, self.recorded, self.correlated = [], [], []
-
-    # -- set-up ---------------------------------------------------------------------------------------------
-    def before_fit(self):
-        # work on a copy: the model the caller handed in stays as it was (`learn.model` ends as the pruned network)
-        self.original = self.learn.model
-        self.learn.model = copy.deepcopy(self.original)
-        self.learn.create_opt()
-        xb = self.dls.valid.one_batch()[0]
-        self.example = xb[:2].as_subclass(torch.Tensor)
-        self.shape = tuple(self.example.shape[1:])
-        n_batches = len(self.dls.train)
-        self.c_iters, self.f_iters = self.correlate_iters or n_batches, self.finetune_iters or n_batches
-        self.base_acc = accuracy_on(self.model, self.dls.valid)
-        self.base_macs, self.base_params = count_macs(self.model, self.shape), count_params(self.model)
-        self.best, self.round, self.t0 = copy.deepcopy(self.model), 0, time.perf_counter()
-        self.start_round()
+        self.round, self.phase, self.iters, self.stop_reason, self.best, self.warned = 0, "idle", 0, None, None, False
 
     @property
-    def macs_removed(self) -> float:
-        "Fraction of the baseline MACs removed so far"
-        return 1 - count_macs(self.model, self.shape) / self.base_macs
+    def done(self) -> bool:
+        "True once a stop rule has fired (`stop_reason` says which); a done run prunes no more, in any fit"
+        return self.stop_reason is not None
 
-    def start_round(self):
-        "Choose the next episode; stop when there is nothing left to do"
-        if self.round >= self.max_rounds or (self.episodes is not None and self.round >= len(self.episodes)): self.stop()
-        if self.macs_reduction is not None and self.macs_removed >= self.macs_reduction: self.stop()
-        self.analysis = analyze_channels(self.model, self.example)
-        if self.episodes is not None: pairs = list(self.episodes[self.round])
-        else:
-            pairs = select_pairs(self.model, self.analysis, self.groups, self.n_pairs, self.n_total, self.measure,
-                                 self.min_channels, self.drop_rule)
-            pairs = self.trim_to_target(pairs)
-        if not pairs: self.stop()
-        self.pairs, self.phase, self.iters = pairs, "correlate", 0
-        with torch.no_grad(): self.rho_before = pair_correlations(self.model, self.analysis, pairs, self.centred).abs().mean().item()
+    def __repr__(self):
+        state = f"done ({self.stop_reason})" if self.done else f"{self.phase}, round {self.round + 1}"
+        return f"FCP(macs_reduction={self.macs_reduction}, tolerance={self.tolerance}): {len(self.log)} rounds logged, {state}"
 
-    def trim_to_target(self, pairs):
-        "Keep the most correlated pairs needed to reach the MACs target (binary search over the cost model's exact MACs)"
-        if self.macs_reduction is None or not pairs: return pairs
-        pairs = sorted(pairs, key=lambda p: -abs(p.rho))
-        goal = (1 - self.macs_reduction) * self.base_macs
-        costs = CostModel(self.model, self.analysis, [self.analysis.group(g) for g in dict.fromkeys(p.group for p in pairs)])
-        macs = lambda k: costs.costs_after(plan_from_pairs(pairs[:k]))[1]
-        if macs(len(pairs)) > goal: return pairs
-        lo, hi = 1, len(pairs)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if macs(mid) <= goal: hi = mid
-            else: lo = mid + 1
-        return pairs[:lo]
+# %% ../nbs/api/11_fcp.ipynb #361fbf90
+@patch
+def start(self: FCP, learn, # the fastai `Learner` being fitted
+         ) -> None:
+    "Before a fit: on the first one, check the model, work on a copy and measure the baseline once; on every fit, open a round"
+    n_batches = len(learn.dls.train)
+    self.c_iters, self.f_iters = self.correlate_iters or n_batches, self.finetune_iters or n_batches
+    if self.best is None:
+        check_finite(learn.model, "FCP")
+        self.example = learner_example(learn)
+        self.shape = tuple(self.example.shape[1:])
+        self.base_macs, self.base_params = count_macs(learn.model, self.shape), count_params(learn.model)
+        self.base_acc = accuracy_on(learn.model, learn.dls.valid)
+        self.begin_round(learn)                                  # bad settings (e.g. `groups`) fail here, before learn changes
+        self.original = learn.model
+        swap_model(learn, copy_model(learn.model), named_optimizer_state(learn))   # the caller's model stays as it was
+        self.best, self.t0 = Checkpoint(learn, round=0), time.perf_counter()
+    elif not self.done: self.begin_round(learn)
 
-    # -- training events ------------------------------------------------------------------------------------
+@patch
+def macs_removed(self: FCP, model: nn.Module, # the current model
+                ) -> float:
+    "Fraction of the baseline MACs removed so far"
+    return 1 - count_macs(model, self.shape) / self.base_macs
+
+@patch
+def prunable_groups(self: FCP, model: nn.Module, # the current model
+                    analysis: ChannelAnalysis, # from `analyze_channels(model, ...)`
+                   ) -> tuple[list[ChannelGroup], list[ChannelGroup]]:
+    "The conv groups FCP may prune (see `groups`), split into those whose filters train and those that are frozen"
+    found = select_groups(analysis, "all" if self.groups is None else self.groups, layer_types=(nn.Conv2d,), model=model)
+    trains = [all(model.get_submodule(p).weight.requires_grad for p in g.producers) for g in found]
+    return [g for g, t in zip(found, trains) if t], [g for g, t in zip(found, trains) if not t]
+
+# %% ../nbs/api/11_fcp.ipynb #97fbb7b8
+@patch
+def next_episode(self: FCP, learn, # the fastai `Learner`
+                ) -> list[FilterPair]:
+    "The next round's pairs; [] when FCP is done (`stop_reason` set) or, with only frozen groups left, must wait"
+    model = learn.model
+    if self.round >= self.max_rounds: return self.stop(f"max_rounds={self.max_rounds} reached")
+    if self.episodes is not None:
+        return list(self.episodes[self.round]) if self.round < len(self.episodes) else self.stop("every episode replayed")
+    if self.macs_reduction is not None and self.macs_removed(model) >= self.macs_reduction:
+        return self.stop(f"macs_reduction={self.macs_reduction} reached")
+    trainable, frozen = self.prunable_groups(model, self.analysis)
+    if frozen and not self.warned:
+        warnings.warn(f"FCP prunes only conv groups whose filters train: it leaves {len(frozen)} frozen group(s) alone "
+                      f"({[g.name for g in frozen[:5]]}) until they are unfrozen (e.g. `learn.unfreeze()`)", stacklevel=2)
+        self.warned = True
+    pairs = select_pairs(model, self.analysis, trainable, self.n_pairs, self.n_total, self.measure,
+                         self.min_channels, self.drop_rule) if trainable else []
+    if not pairs: return [] if frozen else self.stop(f"no pair left above min_channels={self.min_channels}")
+    return self.trim_to_target(pairs, model, self.analysis)
+
+@patch
+def stop(self: FCP, reason: str, # why FCP is done
+        ) -> list:
+    "Mark the run done; returns an empty episode"
+    self.stop_reason = reason
+    return []
+
+@patch
+def trim_to_target(self: FCP, pairs: list[FilterPair], # the episode, as selected
+                   model: nn.Module, # the current model
+                   analysis: ChannelAnalysis, # from `analyze_channels(model, ...)`
+                  ) -> list[FilterPair]:
+    "Keep the most correlated pairs needed to reach the MACs target (binary search over the cost model's exact MACs)"
+    if self.macs_reduction is None or not pairs: return pairs
+    pairs = sorted(pairs, key=lambda p: -abs(p.rho))
+    goal = (1 - self.macs_reduction) * self.base_macs
+    costs = CostModel(model, analysis, [analysis.group(g) for g in dict.fromkeys(p.group for p in pairs)])
+    macs = lambda k: costs.costs_after(plan_from_pairs(pairs[:k]))[1]
+    if macs(len(pairs)) > goal: return pairs
+    lo, hi = 1, len(pairs)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if macs(mid) <= goal: hi = mid
+        else: lo = mid + 1
+    return pairs[:lo]
+
+@patch
+def begin_round(self: FCP, learn, # the fastai `Learner`
+               ) -> bool:
+    "Choose the next episode and enter its correlate phase; False if there is none"
+    self.analysis = analyze_channels(learn.model, self.example)
+    pairs = self.next_episode(learn)
+    self.phase, self.iters = ("correlate" if pairs else "idle"), 0
+    if not pairs: return False
+    self.pairs = pairs
+    with torch.no_grad(): self.rho_before = pair_correlations(learn.model, self.analysis, pairs, self.centred).abs().mean().item()
+    return True
+
+# %% ../nbs/api/11_fcp.ipynb #239b0f8c
+@patch
+def penalty(self: FCP, model: nn.Module, # the model being trained
+           ) -> torch.Tensor | None:
+    "`lam * C_S` of the episode during the correlate phase (None otherwise)"
+    if self.phase != "correlate" or not self.lam: return None
+    rhos = pair_correlations(model, self.analysis, self.pairs, self.centred)
+    return self.lam * correlation_penalty(rhos, [p.group for p in self.pairs], self.form, self.per_layer)
+
+@patch
+def drop(self: FCP, learn, # the fastai `Learner`
+         x: torch.Tensor, # a batch of real inputs (for the fold)
+        ) -> None:
+    "Drop one filter of every pair (folded into its partner first, if `fold`), measuring accuracy before and after"
+    with torch.no_grad(): self.rho_after = pair_correlations(learn.model, self.analysis, self.pairs, self.centred).abs().mean().item()
+    self.acc_before_drop = accuracy_on(learn.model, learn.dls.valid)
+    if self.keep_correlated: self.correlated.append(copy_model(learn.model))
+    try:
+        if self.fold: fold_pairs(learn.model, self.analysis, self.pairs, x)
+        prune_learner(learn, plan_from_pairs(self.pairs), self.example)
+    except BaseException:
+        self.best.restore(learn); self.phase = "idle"     # a fold without its cut is a different model: undo both
+        raise
+    self.acc_after_drop = accuracy_on(learn.model, learn.dls.valid)
+    self.recorded.append(list(self.pairs))
+    self.phase, self.iters = "finetune", 0
+
+@patch
+def end_round(self: FCP, learn, # the fastai `Learner`
+              note: str = "", # added to the logged status (e.g. 'fit ended')
+             ) -> bool:
+    "Measure and log the round, then accept it (a new checkpoint) or roll back to the best one and stop; True if accepted"
+    acc = accuracy_on(learn.model, learn.dls.valid)
+    ok = self.tolerance is None or acc >= self.base_acc - self.tolerance
+    macs, params = count_macs(learn.model, self.shape), count_params(learn.model)
+    status = ("accepted" if ok else "rolled back") + (f" ({note})" if note else "")
+    self.log.append(dict(round=self.round + 1, pairs=len(self.pairs), filters=describe_counts(filter_counts(learn.model)),
+                         rho_before=self.rho_before, rho_after=self.rho_after, acc_before_drop=self.acc_before_drop,
+                         acc_after_drop=self.acc_after_drop, acc_after_finetune=acc, macs=macs, params=params,
+                         macs_reduction=1 - macs / self.base_macs, params_reduction=1 - params / self.base_params,
+                         status=status, seconds=round(time.perf_counter() - self.t0, 1),
+                         episode=[(p.group, p.i, p.j, p.drop, round(p.rho, 4)) for p in self.pairs]))
+    if self.verbose: print({k: v for k, v in self.log[-1].items() if k != "episode"})
+    self.round, self.phase = self.round + 1, "idle"
+    if ok: self.best = Checkpoint(learn, round=self.round)
+    else:
+        self.best.restore(learn)
+        self.stop(f"tolerance={self.tolerance} exceeded in round {self.round}")
+    return ok
+
+@patch
+def step(self: FCP, learn, # the fastai `Learner`, after a training batch
+        ) -> None:
+    "Count a training batch; at the end of a phase, drop the episode, or close the round and open the next"
+    if self.phase == "idle": return
+    self.iters += 1
+    if self.phase == "correlate" and self.iters >= self.c_iters: self.drop(learn, learn.xb[0])
+    elif self.phase == "finetune" and self.iters >= self.f_iters:
+        self.end_round(learn)
+        if not self.done: self.begin_round(learn)
+
+@patch
+def finish(self: FCP, learn, # the fastai `Learner`, at the end of a fit (complete or interrupted)
+          ) -> None:
+    "Close an open round so that `learn.model` is the best accepted model: check a dropped model now, undo a correlate phase"
+    if self.phase == "finetune": self.end_round(learn, "fit ended")
+    elif self.phase == "correlate" and self.iters: self.best.restore(learn)
+    self.phase, self.iters = "idle", 0
+
+@patch
+def frame(self: FCP) -> pd.DataFrame:
+    "The per-round log as a table"
+    return pd.DataFrame(self.log)
+
+# %% ../nbs/api/11_fcp.ipynb #e6b80098
+@delegates(FCP)
+class FCPCallback(Callback):
+    "Filter-correlation pruning inside `learn.fit`: fastai's events mapped onto an `FCP` run (`self.fcp`)"
+    order, run_valid = GradientAccumulation.order - 1, False       # the penalty joins the loss before accumulation scales it
+    def __init__(self, macs_reduction: float | None = None, # stop once this fraction of the MACs is gone
+                 tolerance: float | None = None, # accuracy you can lose (fraction, 0.01 = one point)
+                 stop_fit: bool = False, # cancel the rest of the fit once FCP is done (else it fine-tunes the pruned model)
+                 **kwargs):
+        self.fcp, self.stop_fit = FCP(macs_reduction, tolerance, **kwargs), stop_fit
+
+    def before_fit(self):
+        if in_lr_find(self.learn): self.run = False; return
+        self.fcp.start(self.learn)
+        if self.stop_fit and self.fcp.done: raise CancelFitException()
+
     def after_loss(self):
-        if self.phase == "correlate" and self.lam:
-            rhos = pair_correlations(self.model, self.analysis, self.pairs, self.centred)
-            self.learn.loss_grad = self.learn.loss_grad + self.lam * correlation_penalty(rhos, [p.group for p in self.pairs], self.form, self.per_layer)
+        pen = self.fcp.penalty(self.learn.model)
+        if pen is not None: self.learn.loss_grad = self.learn.loss_grad + pen
 
     def after_batch(self):
-        self.iters += 1
-        if self.phase == "correlate" and self.iters >= self.c_iters: self.drop()
-        elif self.phase == "finetune" and self.iters >= self.f_iters: self.end_round()
+        self.fcp.step(self.learn)
+        if self.stop_fit and self.fcp.done: raise CancelFitException()
 
-    def drop(self):
-        "Drop one filter of every pair (folding it into its partner first, if asked)"
-        with torch.no_grad(): self.rho_after = pair_correlations(self.model, self.analysis, self.pairs, self.centred).abs().mean().item()
-        self.acc_before_drop = accuracy_on(self.model, self.dls.valid)
-        if self.keep_correlated: self.correlated.append(copy.deepcopy(self.model))
-        if self.fold: fold_pairs(self.model, self.analysis, self.pairs, self.learn.xb[0])
-        prune_learner(self.learn, plan_from_pairs(self.pairs), self.example)
-        self.acc_after_drop = accuracy_on(self.model, self.dls.valid)
-        self.recorded.append(list(self.pairs))
-        self.phase, self.iters = "finetune", 0
-
-    def end_round(self):
-        acc = accuracy_on(self.model, self.dls.valid)
-        ok = self.tolerance is None or acc >= self.base_acc - self.tolerance
-        macs, params = count_macs(self.model, self.shape), count_params(self.model)
-        self.log.append(dict(round=self.round + 1, pairs=len(self.pairs), filters=describe_counts(filter_counts(self.model)),
-                             rho_before=self.rho_before, rho_after=self.rho_after, acc_before_drop=self.acc_before_drop,
-                             acc_after_drop=self.acc_after_drop,
-                             acc_after_finetune=acc, macs=macs, params=params, macs_reduction=1 - macs / self.base_macs,
-                             params_reduction=1 - params / self.base_params, status="accepted" if ok else "rolled back",
-                             seconds=round(time.perf_counter() - self.t0, 1),
-                             episode=[(p.group, p.i, p.j, p.drop, round(p.rho, 4)) for p in self.pairs]))
-        if self.verbose: print({k: v for k, v in self.log[-1].items() if k != "episode"})
-        self.round += 1
-        if not ok:
-            self.learn.model = self.best; self.learn.create_opt(); self.stop()
-        self.best = copy.deepcopy(self.model)
-        self.start_round()
-
-    def stop(self): raise CancelFitException()
-
-    def after_fit(self):
-        if getattr(self, "phase", None) == "correlate" and self.log: self.phase = "done"
+    def after_fit(self): self.fcp.finish(self.learn)
 
 # %% ../nbs/api/11_fcp.ipynb #d5eb99a0
-@delegates(FCPCallback)
+@delegates(FCP)
 def fcp(learn, # a fastai Learner holding a trained model
         macs_reduction: float | None = None, # stop once this fraction of the MACs is gone
         tolerance: float | None = None, # or stop past this validation accuracy drop (fraction, 0.01 = one point)
         lr: float = 1e-3, # constant learning rate during FCP
+        wd: float | None = None, # weight decay (default: the learner's)
         verbose: bool = False, # print a line per round
         **kwargs,
        ) -> pd.DataFrame:
     "Prune `learn.model` with FCP and return the per-round log (the learner keeps the pruned model)"
-    cb = FCPCallback(macs_reduction, tolerance, verbose=verbose, **kwargs)
+    lr = check_number(lr, "lr", 0, None, "fcp", low_open=True)
+    if wd is not None: wd = check_number(wd, "wd", 0, None, "fcp")
+    cb = FCPCallback(macs_reduction, tolerance, stop_fit=True, verbose=verbose, **kwargs)
     n_batches = len(learn.dls.train)
-    per_round = (cb.correlate_iters or n_batches) + (cb.finetune_iters or n_batches)
-    rounds = cb.max_rounds if cb.episodes is None else len(cb.episodes)
+    run = cb.fcp
+    per_round = (run.correlate_iters or n_batches) + (run.finetune_iters or n_batches)
+    rounds = run.max_rounds if run.episodes is None else len(run.episodes)
     epochs = math.ceil(rounds * per_round / n_batches) + 1
-    with quiet(learn): learn.fit(epochs, lr, cbs=cb)
+    try:
+        with quiet(learn): learn.fit(epochs, lr, wd=wd, cbs=cb)
+    except BaseException:
+        run.finish(learn)                 # fastai runs no `after_fit` after a KeyboardInterrupt or an error
+        raise
     learn.fcp_cb = cb
-    return pd.DataFrame(cb.log)
+    return run.frame()
 
 # %% ../nbs/api/11_fcp.ipynb #d0096df7
 def plot_fcp(logs: dict, # label -> FCP log (DataFrame), e.g. {"FCP": log, "naive": naive_log}

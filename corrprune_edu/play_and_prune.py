@@ -8,39 +8,40 @@ Docs: https://corrprune-edu.github.io/corrprune_edu/api/play_and_prune.html.md""
 
 # %% ../nbs/api/13_play_and_prune.ipynb #6aca9384
 from __future__ import annotations
-import copy, math, time
+import math, time, warnings
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.core import (Callback, CancelEpochException, CancelFitException, CancelTrainException,
+                                  CancelValidException)
+from fastai.callback.schedule import ParamScheduler
+from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
 from fastcore.basics import patch
 from fastcore.meta import delegates
 
-from .core import describe_counts
+from .core import check_finite, check_int, check_number, describe_counts, stable_argsort
 from .criteria import l1_scores, select_groups
 from .flops import count_macs, count_params
 from .channels import ChannelAnalysis, ChannelGroup, analyze_channels
-from .checkpoint import learner_example, optimizer_state, prune_learner, rebuild_optimizer
+from .checkpoint import Checkpoint, in_lr_find, learner_example, prune_learner
 from .train import accuracy_on
 
 # %% auto #0
-__all__ = ['OUTCOMES', 'filter_scores', 'select_candidates', 'channel_params', 'penalty_terms', 'l1_penalty', 'PRC',
-           'GapController', 'FixedController', 'AFP', 'PlayAndPrune', 'PlayAndPruneCallback', 'play_and_prune',
-           'plot_play_and_prune', 'replay']
+__all__ = ['OUTCOMES', 'filter_scores', 'select_candidates', 'channel_params', 'penalty_terms', 'bind_terms', 'l1_norm',
+           'l1_penalty', 'PRC', 'GapController', 'FixedController', 'AFP', 'PlayAndPrune', 'PlayAndPruneCallback',
+           'phase_cosine', 'play_and_prune', 'plot_play_and_prune', 'replay']
 
 # %% ../nbs/api/13_play_and_prune.ipynb #0dbb1592
 def filter_scores(model: nn.Module, # the model
                   analysis: ChannelAnalysis, # from `analyze_channels(model, ...)`
                   groups: list[ChannelGroup], # the groups to score (see `select_groups`)
+                  raw: dict | None = None, # the groups' L1 norms if already computed (`l1_scores`)
                  ) -> dict[str, torch.Tensor]:
     "AFP's importance: each filter's L1 norm over the largest in its group, in [0, 1]: group name -> scores"
-    return _relative(l1_scores(model, analysis, groups))
-
-def _relative(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    "Each group's scores over its largest"
+    raw = l1_scores(model, analysis, groups) if raw is None else raw
     return {k: s / s.max().clamp_min(1e-12) for k, s in raw.items()}
 
 # %% ../nbs/api/13_play_and_prune.ipynb #991b0749
@@ -51,17 +52,20 @@ def select_candidates(scores: dict[str, torch.Tensor], # group name -> score per
                       limit: int | None = None, # at most this many candidates in total (lowest scores first)
                       skip=(), # group names to leave alone
                      ) -> dict[str, list[int]]:
-    "AFP's candidate set U_t: group name -> sorted filter indices"
-    if not 0 <= W <= 1: raise ValueError(f"W must be a threshold in [0, 1] on normalised scores, got {W}")
-    if not 0 < max_frac <= 1: raise ValueError(f"max_frac must be a fraction in (0, 1], got {max_frac}")
-    if min_channels < 1: raise ValueError(f"min_channels must be at least 1, got {min_channels}")
-    if limit is not None and limit < 1: raise ValueError(f"limit must be a positive number of filters or None, got {limit}")
-    picks = []
+    "AFP's candidate set U_t: group name -> sorted filter indices; tied scores go to the lowest group position, then index"
+    who = "select_candidates"
+    W = check_number(W, "W", 0, 1, who, hint="Pass a threshold on normalised scores (see `filter_scores`) such as 0.5.")
+    max_frac = check_number(max_frac, "max_frac", 0, 1, who, low_open=True, hint="Give a fraction of a layer, e.g. 0.2.")
+    min_channels = check_int(min_channels, "min_channels", 1, who, hint="Keep at least one filter per layer: pass 1 or more.")
+    if limit is not None: limit = check_int(limit, "limit", 1, who, hint="Pass None for no limit.")
+    check_finite(scores, who)
+    picks = []                                    # (score, group, index), in (group position, index) order
     for name, s in scores.items():
         if name in skip: continue
         cap = min(max(1, int(max_frac * len(s))), len(s) - min_channels)
-        picks += [(float(s[i]), name, int(i)) for i in torch.argsort(s, stable=True)[:max(cap, 0)] if s[i] < W]
-    if limit is not None: picks = sorted(picks)[:limit]
+        lowest = sorted(int(i) for i in stable_argsort(s)[:max(cap, 0)])
+        picks += [(float(s[i]), name, i) for i in lowest if s[i] < W]
+    if limit is not None and picks: picks = [picks[k] for k in stable_argsort([p[0] for p in picks])[:limit]]
     out = {}
     for _, name, i in picks: out.setdefault(name, []).append(i)
     return {k: sorted(v) for k, v in out.items()}
@@ -88,7 +92,8 @@ def penalty_terms(model: nn.Module, # the model
     "The parameter slices the AFP regulariser acts on: (parameter name, dim, indices)"
     groups = {g.name: g for g in analysis.groups}
     unknown = set(candidates) - set(groups)
-    if unknown: raise ValueError(f"candidates name {sorted(unknown)}, which are not channel groups of this model")
+    if unknown: raise ValueError(f"candidates name {sorted(unknown)}, which are not channel groups of this model; "
+                                 f"pass group names (a group is named by its first producer) such as {list(groups)[:3]}")
     terms = []
     for name, idx in candidates.items():
         if not idx: continue
@@ -98,24 +103,36 @@ def penalty_terms(model: nn.Module, # the model
             if len(sel): terms.append((pname, dim, torch.as_tensor(sel, dtype=torch.long)))
     return terms
 
+def bind_terms(model: nn.Module, # the model the terms are for
+               terms: list, # from `penalty_terms`
+              ) -> list[tuple[nn.Parameter, int, torch.Tensor]]:
+    "The terms with their parameters looked up and their indices on the parameters' device: (parameter, dim, indices)"
+    params = dict(model.named_parameters())
+    return [(params[name], dim, idx.to(params[name].device)) for name, dim, idx in terms]
+
+def l1_norm(bound: list, # from `bind_terms`
+           ) -> torch.Tensor:
+    "Σ of the absolute values of the bound slices (differentiable); 0 without terms"
+    total = torch.zeros((), device=bound[0][0].device) if bound else torch.zeros(())
+    for p, dim, idx in bound: total = total + p.index_select(dim, idx).abs().sum()
+    return total
+
 def l1_penalty(model: nn.Module, # the model
                terms: list, # from `penalty_terms`
               ) -> torch.Tensor:
     "Σ of the absolute values of the candidate slices (differentiable); 0 without candidates"
-    params = dict(model.named_parameters())
-    total = torch.zeros((), device=next(model.parameters()).device)
-    for name, dim, idx in terms:
-        p = params[name]
-        total = total + p.index_select(dim, idx.to(p.device)).abs().sum()
-    return total
+    return l1_norm(bind_terms(model, terms))
 
 # %% ../nbs/api/13_play_and_prune.ipynb #1c8a9507
 class PRC:
     "Base pruning-rate controller: holds λ (regulariser weight) and W (candidate threshold); subclasses define `update`"
-    def __init__(self, lam: float, W: float):
-        if lam < 0: raise ValueError(f"lam must be >= 0, got {lam}")
-        if not 0 <= W <= 1: raise ValueError(f"W must be a threshold in [0, 1] on normalised scores, got {W}")
-        self.lam, self.W = float(lam), float(W)
+    def __init__(self,
+                 lam: float, # λ, the weight of the L1 regulariser on the candidates (>= 0)
+                 W: float, # W, the candidate threshold on normalised scores, in [0, 1]
+                ):
+        who = type(self).__name__
+        self.lam = check_number(lam, "lam", 0, None, who, hint="Pass the weight of the L1 regulariser on the candidates, such as 1e-2.")
+        self.W = check_number(W, "W", 0, 1, who, hint="Pass a threshold on normalised scores such as 0.5.")
     def update(self, gap: float, outcome: str) -> None:
         "Read the gap (accuracy minus floor, in points) and what happened this iteration; set the next λ and W"
         raise NotImplementedError
@@ -143,12 +160,15 @@ class GapController(PRC):
                  gap_clip: float = 1.0, # the gap counts at most this many points
                 ):
         super().__init__(lam, W)
-        if not 0 <= lam_min <= lam_max: raise ValueError(f"need 0 <= lam_min <= lam_max, got lam_min={lam_min}, lam_max={lam_max}")
-        if not 0 <= w_min <= w_max <= 1: raise ValueError(f"need 0 <= w_min <= w_max <= 1, got w_min={w_min}, w_max={w_max}")
-        if eta_lam < 0 or eta_w < 0: raise ValueError(f"eta_lam and eta_w must be >= 0, got {eta_lam}, {eta_w}")
-        self.eta_lam, self.eta_w, self.gap_clip = eta_lam, eta_w, gap_clip
-        self.lam_min, self.lam_max, self.w_min, self.w_max = lam_min, lam_max, w_min, w_max
-        self.lam, self.W = float(np.clip(lam, lam_min, lam_max)), float(np.clip(W, w_min, w_max))
+        who = "GapController"
+        self.eta_lam = check_number(eta_lam, "eta_lam", 0, None, who, hint="Pass λ's step per point of gap, such as 1.0.")
+        self.eta_w = check_number(eta_w, "eta_w", 0, None, who, hint="Pass W's relative step, such as 0.25.")
+        self.lam_min = check_number(lam_min, "lam_min", 0, None, who, hint="Pass λ's floor, such as 1e-4.")
+        self.lam_max = check_number(lam_max, "lam_max", self.lam_min, None, who, hint=f"Pass a cap of λ no smaller than lam_min={lam_min}.")
+        self.w_min = check_number(w_min, "w_min", 0, 1, who, hint="Pass W's floor on normalised scores, such as 0.05.")
+        self.w_max = check_number(w_max, "w_max", self.w_min, 1, who, hint=f"Pass a cap of W between w_min={w_min} and 1.")
+        self.gap_clip = check_number(gap_clip, "gap_clip", 0, None, who, low_open=True, hint="Pass the most points of gap that count, such as 1.0.")
+        self.lam, self.W = float(np.clip(self.lam, self.lam_min, self.lam_max)), float(np.clip(self.W, self.w_min, self.w_max))
 
     def update(self, gap: float, outcome: str) -> None:
         "Raise λ and W above the floor, lower them below it (twice as hard after a rollback)"
@@ -174,41 +194,26 @@ class AFP:
                  layer_types=(nn.Conv2d,), # producers whose channels are pruned (add `nn.Linear` for hidden units)
                  groups="all", # what to prune: channel-group names, 'all', 'untied' or a predicate (see `select_groups`)
                 ):
-        if not 0 < max_frac <= 1: raise ValueError(f"max_frac must be a fraction in (0, 1], got {max_frac}")
-        if min_channels < 1: raise ValueError(f"min_channels must be at least 1, got {min_channels}")
-        if not 0 < negligible <= 1: raise ValueError(f"negligible must be a fraction in (0, 1], got {negligible}")
-        self.max_frac, self.min_channels, self.negligible, self.clip_at_zero = max_frac, min_channels, negligible, clip_at_zero
-        self.layer_types, self.groups = tuple(layer_types), groups
+        who = "AFP"
+        self.max_frac = check_number(max_frac, "max_frac", 0, 1, who, low_open=True, hint="Give a fraction of a layer, e.g. 0.2.")
+        self.min_channels = check_int(min_channels, "min_channels", 1, who, hint="Keep at least one filter per layer: pass 1 or more.")
+        self.negligible = check_number(negligible, "negligible", 0, 1, who, low_open=True,
+                                       hint="Pass the fraction of its starting L1 norm below which a candidate goes, such as 0.05.")
+        if not isinstance(clip_at_zero, bool): raise TypeError(f"AFP: clip_at_zero must be a bool, got {clip_at_zero!r}; pass True or False.")
+        types = tuple(layer_types) if isinstance(layer_types, (list, tuple)) else (layer_types,)
+        if not types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
+            raise TypeError(f"AFP: layer_types must be layer classes, got {layer_types!r}; pass a tuple such as (nn.Conv2d, nn.Linear).")
+        self.clip_at_zero, self.layer_types, self.groups = clip_at_zero, types, groups
     def __repr__(self):
         return (f"AFP(max_frac={self.max_frac}, min_channels={self.min_channels}, negligible={self.negligible}, "
                 f"clip_at_zero={self.clip_at_zero}, layer_types={[t.__name__ for t in self.layer_types]})")
 
-# %% ../nbs/api/13_play_and_prune.ipynb #63f36fb9
-def _snapshot(learn: Learner, extra: dict) -> dict:
-    "A copy of the model, its optimiser state by parameter name, and `extra`"
-    model = learn.model
-    state = {}
-    if learn.opt is not None:
-        st, names = optimizer_state(learn.opt), {id(p): n for n, p in model.named_parameters()}
-        state = {names[id(p)]: {k: (v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)) for k, v in s.items()}
-                 for p, s in st.items() if id(p) in names}
-    return dict(model=copy.deepcopy(model), opt_state=state, extra=copy.deepcopy(extra))
-
-def _restore(learn: Learner, snap: dict) -> None:
-    "Put a snapshot's model (a fresh copy) in `learn`, with a new optimiser carrying the snapshot's state"
-    old_opt = learn.opt
-    learn.model = copy.deepcopy(snap["model"])
-    if old_opt is None: return
-    rebuild_optimizer(learn, old_opt)
-    st = optimizer_state(learn.opt)
-    for name, p in learn.model.named_parameters():
-        if name in snap["opt_state"]: st[p] = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in snap["opt_state"][name].items()}
-
 # %% ../nbs/api/13_play_and_prune.ipynb #6287e367
-OUTCOMES = ("start", "accepted", "recovering", "recovered", "rolled back", "final")
+OUTCOMES = ("start", "accepted", "recovering", "recovered", "rolled back", "paused", "interrupted", "final",
+            "fine-tuned", "fine-tune discarded")
 
 class PlayAndPrune:
-    "AFP and the PRC in a loop over a fastai `Learner` in the middle of `fit`; `history` records every iteration"
+    "AFP and the PRC in a loop over a fastai `Learner` whose `fit` is in progress; `history` records every iteration"
     def __init__(self,
                  tolerance: float = 0.01, # accuracy the user can lose, as a fraction (0.01 = one percentage point)
                  controller: PRC | None = None, # the pruning-rate controller (default: `GapController()`)
@@ -220,18 +225,22 @@ class PlayAndPrune:
                  baseline_acc: float | None = None, # A_b; default: measured on the validation split when fit starts
                  verbose: bool = False, # print one line per iteration
                 ):
-        if not 0 < tolerance < 1:
-            raise ValueError(f"tolerance is a fraction of accuracy (0.01 = one percentage point), got {tolerance}")
-        if phase_batches is not None and phase_batches < 1: raise ValueError(f"phase_batches must be a positive number of batches, got {phase_batches}")
-        if recovery_phases < 0: raise ValueError(f"recovery_phases must be >= 0, got {recovery_phases}")
-        if max_iters < 1: raise ValueError(f"max_iters must be at least 1, got {max_iters}")
-        if baseline_acc is not None and not 0 < baseline_acc <= 1: raise ValueError(f"baseline_acc is an accuracy in (0, 1], got {baseline_acc}")
-        self.tolerance, self.phase_batches, self.recovery_phases = tolerance, phase_batches, recovery_phases
-        self.max_iters, self.patience, self.baseline_acc, self.verbose = max_iters, patience, baseline_acc, verbose
+        who = "PlayAndPrune"
+        self.tolerance = check_number(tolerance, "tolerance", 0, 1, who, low_open=True, high_open=True,
+                                      hint="Give the accuracy you can lose as a fraction: 0.01 is one percentage point.")
+        self.phase_batches = None if phase_batches is None else check_int(
+            phase_batches, "phase_batches", 1, who, hint="Pass a number of training batches per phase, or None for one epoch.")
+        self.recovery_phases = check_int(recovery_phases, "recovery_phases", 0, who, hint="Pass 0 to roll back as soon as accuracy is below the floor.")
+        self.max_iters = check_int(max_iters, "max_iters", 1, who, hint="Pass the most phases the loop may run, such as 30.")
+        self.patience = check_int(patience, "patience", 1, who, hint="Pass how many idle iterations at maximum pressure stop the loop, such as 3.")
+        self.baseline_acc = None if baseline_acc is None else check_number(
+            baseline_acc, "baseline_acc", 0, 1, who, low_open=True, hint="Give an accuracy as a fraction (e.g. 0.98), or None to measure it.")
+        self.verbose = verbose
         self.controller = controller if controller is not None else GapController()
         self.afp = afp if afp is not None else AFP()
         for attr in ("lam", "W", "update", "state"):
-            if not hasattr(self.controller, attr): raise TypeError(f"controller must have `{attr}` (see `PRC`), got {type(self.controller).__name__}")
+            if not hasattr(self.controller, attr): raise TypeError(f"PlayAndPrune: controller must have `{attr}`: pass a `PRC` such as GapController(), got {type(self.controller).__name__}")
+        if not isinstance(self.afp, AFP): raise TypeError(f"PlayAndPrune: afp must be an `AFP`, got {type(self.afp).__name__}; pass e.g. AFP(max_frac=0.3)")
         self.history, self.stop_reason, self.started = [], None, False
 
     @property
@@ -239,24 +248,45 @@ class PlayAndPrune:
         "A_b − ε: the accuracy every accepted model keeps"
         return self.baseline_acc - self.tolerance
 
+    @property
+    def done(self) -> bool:
+        "True once the loop has stopped for good (`stop_reason` says why); a paused run is not done"
+        return self.stop_reason is not None
+
 # %% ../nbs/api/13_play_and_prune.ipynb #9a6120e5
 @patch
-def start(self: PlayAndPrune, learn: Learner) -> None:
-    "Measure the baseline, take the first checkpoint and record iteration 0"
-    self.t0, self.batches, self.iter, self.started = time.perf_counter(), 0, 0, True
+def start(self: PlayAndPrune, learn: Learner, # the fastai `Learner`, as its first fit with the run begins
+          ) -> None:
+    "Check the model, measure the baseline, put a copy of the model in `learn`, take the first checkpoint, record t = 0"
+    check_finite(learn.model, "PlayAndPrune")           # a dead model must not be trained, measured and accepted
+    self._analyse(learn)                                  # nothing to prune is an error too, before any work
+    self.t0, self.batches, self.iter, self.in_phase, self.tail = time.perf_counter(), 0, 0, 0, 0
     self.input_shape = tuple(learner_example(learn).shape[1:])
     self.n_phase = self.phase_batches or len(learn.dls.train)
     if self.baseline_acc is None: self.baseline_acc = _acc(learn)
-    _restore(learn, _snapshot(learn, {}))                 # work on a copy: the caller's network is never touched
+    Checkpoint(learn).restore(learn)                      # work on a copy: the caller's network is never touched
     self._measure(learn)
-    self._analyse(learn)
     self.ids = {g.name: list(range(g.n_channels)) for g in self.groups}
     self.mode, self.recoveries, self.idle, self.limit, self.closed = "prune", 0, 0, None, set()
-    self.cand, self.cand_start, self.terms, self.attempt = {}, {}, [], {}
-    self.acc = self.baseline_acc
-    self.history = []
+    self.cand, self.cand_start, self.attempt = {}, {}, {}
+    self.acc, self.history, self.started = self.baseline_acc, [], True
     self._record("start", self.baseline_acc, 0, phase="start")
-    self.best = _snapshot(learn, self._extra())
+    self.best = Checkpoint(learn, **self._extra())
+    self._warn_frozen(learn)
+    self._next_candidates(learn)
+
+@patch
+def resume(self: PlayAndPrune, learn: Learner, # the fastai `Learner`, as a later fit begins
+           ) -> None:
+    "Continue a paused run in a new `fit`: same baseline, controller and iteration budget, a checkpoint of this fit's optimiser"
+    check_finite(learn.model, "PlayAndPrune")
+    self._analyse(learn)
+    if self._counts() != self.history[-1]["filters"]:
+        raise ValueError(f"PlayAndPrune: learn.model has filters {self._counts()}, not the {self.history[-1]['filters']} this run left "
+                         "in it; continue a run on the model it left, or start a new PlayAndPruneCallback")
+    self.n_phase, self.in_phase = self.phase_batches or len(learn.dls.train), 0
+    self.best = Checkpoint(learn, **self._extra())        # e.g. fine_tune's unfrozen stage: its hypers and frozen state
+    self._warn_frozen(learn)
     self._next_candidates(learn)
 
 @patch
@@ -266,16 +296,18 @@ def _measure(self: PlayAndPrune, learn: Learner) -> None:
 
 @patch
 def _put_back_best(self: PlayAndPrune, learn: Learner) -> None:
-    "The last accepted model, its filter ids and a fresh channel analysis, back in `learn`"
-    _restore(learn, self.best)
-    self.ids = copy.deepcopy(self.best["extra"]["ids"])
+    "The last accepted model (with its optimiser state), its filter ids and accuracy, and a fresh channel analysis"
+    extra = self.best.restore(learn)
+    self.ids, self.acc = extra["ids"], extra["acc"]
     self._analyse(learn)
 
 @patch
 def _analyse(self: PlayAndPrune, learn: Learner) -> None:
+    "Trace `learn.model` and find the groups AFP may prune"
     self.analysis = analyze_channels(learn.model, learner_example(learn))
     self.groups = select_groups(self.analysis, self.afp.groups, self.afp.layer_types, learn.model)
-    if not self.groups: raise ValueError(f"no prunable channel group of layer types {[t.__name__ for t in self.afp.layer_types]} in {type(learn.model).__name__}")
+    if not self.groups: raise ValueError(f"PlayAndPrune: no prunable channel group of layer types {[t.__name__ for t in self.afp.layer_types]} "
+                                         f"in {type(learn.model).__name__}; pass AFP(layer_types=...) or AFP(groups=...) naming layers it has")
 
 @patch
 def _extra(self: PlayAndPrune) -> dict:
@@ -291,6 +323,10 @@ def _acc(learn: Learner) -> float:
     "Validation accuracy of `learn.model` (the controller never looks at the test split)"
     with torch.no_grad(): return accuracy_on(learn.model, learn.dls.valid)
 
+def _finite(model: nn.Module) -> bool:
+    "True if every parameter of `model` is finite (a model that diverged to NaN or inf is dead)"
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
 @patch
 def _record(self: PlayAndPrune, outcome: str, acc: float, removed: int, phase: str | None = None, **kw) -> None:
     "Append one row: controller state, filters per layer, MACs, params, accuracy, gap and outcome"
@@ -303,50 +339,60 @@ def _record(self: PlayAndPrune, outcome: str, acc: float, removed: int, phase: s
         print(f"t={row['t']:3} {outcome:12} lam={row['lam']:.2e} W={row['W']:.3f} filters={describe_counts(row['filters'])} "
               f"MACs={row['macs']:,} acc={acc:.4f} gap={row['gap']:+.2f}")
 
-
 # %% ../nbs/api/13_play_and_prune.ipynb #6382c80b
 @patch
 def _next_candidates(self: PlayAndPrune, learn: Learner) -> None:
-    "Choose U_t for the next phase and prepare the regulariser"
-    model = learn.model
-    if self.mode == "recover": self.cand, self.cand_start, self.terms = {}, {}, []; return
-    raw = l1_scores(model, self.analysis, self.groups)       # the raw norms are kept: a candidate is negligible relative to its start
-    scores = _relative(raw)
-    self.cand = select_candidates(scores, self.controller.W, self.afp.max_frac, self.afp.min_channels, self.limit, self.closed)
-    start = {}
-    for g, idx in self.cand.items():
-        for i in idx:
-            key = (g, self.ids[g][i])
-            start[key] = self.cand_start.get(key, float(raw[g][i]))
-    self.cand_start = start
-    self.terms = penalty_terms(model, self.analysis, self.cand)
+    "Choose U_t for the next phase and bind the regulariser's terms to the model's parameters"
+    if self.mode == "recover": self._set_candidates(learn, {}); self.cand_start = {}; return
+    raw = l1_scores(learn.model, self.analysis, self.groups)  # the raw norms are kept: a candidate is negligible relative to its start
+    scores = filter_scores(learn.model, self.analysis, self.groups, raw)
+    skip = self.closed | self._frozen_groups(learn.model)
+    cand = select_candidates(scores, self.controller.W, self.afp.max_frac, self.afp.min_channels, self.limit, skip)
+    self.cand_start = {(g, self.ids[g][i]): self.cand_start.get((g, self.ids[g][i]), float(raw[g][i]))
+                       for g, idx in cand.items() for i in idx}
+    self._set_candidates(learn, cand)
 
 @patch
-def penalty(self: PlayAndPrune, model: nn.Module) -> torch.Tensor | None:
+def _frozen_groups(self: PlayAndPrune, model: nn.Module) -> set:
+    "Groups with a producer whose weight does not train (a frozen body): the regulariser could not move them"
+    return {g.name for g in self.groups if not all(model.get_submodule(p).weight.requires_grad for p in g.producers)}
+
+@patch
+def _warn_frozen(self: PlayAndPrune, learn: Learner) -> None:
+    "Say which groups AFP leaves alone in this fit because their filters do not train"
+    frozen = self._frozen_groups(learn.model)
+    if frozen: warnings.warn(f"PlayAndPrune prunes only groups whose filters train: it leaves the frozen group(s) {sorted(frozen)} "
+                             "alone in this fit; unfreeze them (learn.unfreeze()) to prune them")
+
+@patch
+def _set_candidates(self: PlayAndPrune, learn: Learner, cand: dict) -> None:
+    "Make `cand` the candidates of the coming phase: their regulariser terms, bound once for every batch of the phase"
+    self.cand = cand
+    self.terms = penalty_terms(learn.model, self.analysis, cand)
+    self.bound = bind_terms(learn.model, self.terms)
+
+@patch
+def penalty(self: PlayAndPrune) -> torch.Tensor | None:
     "λ_t times the L1 norm of the candidates (None when there is nothing to push)"
-    if not self.terms or self.mode != "prune" or self.controller.lam == 0: return None
-    return self.controller.lam * l1_penalty(model, self.terms)
+    if not self.bound or self.mode != "prune" or self.controller.lam == 0: return None
+    return self.controller.lam * l1_norm(self.bound)
 
 @patch
-def remember_signs(self: PlayAndPrune, model: nn.Module) -> None:
+def remember_signs(self: PlayAndPrune) -> None:
     "Remember the signs of the candidate weights (for `clip_at_zero`)"
     self._signs = None
-    if not self.afp.clip_at_zero or not self.terms or self.mode != "prune": return
-    params = dict(model.named_parameters())
-    with torch.no_grad(): self._signs = [params[n].index_select(d, i.to(params[n].device)).sign() for n, d, i in self.terms]
+    if not self.afp.clip_at_zero or not self.bound or self.mode != "prune": return
+    with torch.no_grad(): self._signs = [p.index_select(d, i).sign() for p, d, i in self.bound]
 
 @patch
-def stop_at_zero(self: PlayAndPrune, model: nn.Module) -> None:
+def stop_at_zero(self: PlayAndPrune) -> None:
     "Candidate weights whose sign the step changed stop at zero"
     if getattr(self, "_signs", None) is None: return
-    params = dict(model.named_parameters())
     with torch.no_grad():
-        for (n, d, i), old in zip(self.terms, self._signs):
-            p, i = params[n], i.to(params[n].device)
+        for (p, d, i), old in zip(self.bound, self._signs):
             cur = p.index_select(d, i)
             p.index_copy_(d, i, torch.where(cur.sign() != old, torch.zeros_like(cur), cur))
     self._signs = None
-
 
 # %% ../nbs/api/13_play_and_prune.ipynb #fe709fbb
 @patch
@@ -367,24 +413,26 @@ def _remove(self: PlayAndPrune, learn: Learner, plan: dict) -> int:
     self._analyse(learn)
     return sum(len(v) for v in plan.values())
 
-
 # %% ../nbs/api/13_play_and_prune.ipynb #742026e3
 @patch
-def end_phase(self: PlayAndPrune, learn: Learner) -> bool:
+def end_phase(self: PlayAndPrune, learn: Learner, # the fastai `Learner`, after the last batch of a phase
+              ) -> bool:
     "One iteration: remove negligible candidates, measure, accept / recover / roll back, update the controller"
     self.iter += 1
     mode, tried = self.mode, sum(len(v) for v in self.cand.values())
     for g, idx in self.cand.items(): self.attempt.setdefault(g, set()).update(self.ids[g][i] for i in idx)
-    removed = self._remove(learn, self._negligible(learn.model)) if mode == "prune" else 0
+    dead = not _finite(learn.model)                       # diverged: nothing to remove, nothing to recover
+    removed = self._remove(learn, self._negligible(learn.model)) if mode == "prune" and not dead else 0
     self._measure(learn)
     self.acc = acc = _acc(learn)
     gap = 100 * (acc - self.floor)
-    if gap >= -1e-9:                                       # (rounding: an accuracy exactly at the floor is within it)
+    if not dead and gap >= -1e-9:                         # (rounding: an accuracy exactly at the floor is within it)
         outcome = "accepted" if mode == "prune" else "recovered"
-        self.best, self.recoveries, self.mode, self.attempt = _snapshot(learn, self._extra()), 0, "prune", {}
+        self.recoveries, self.mode, self.attempt = 0, "prune", {}
+        self.best = Checkpoint(learn, **self._extra())
         if removed: self.limit, self.idle = None, 0
         else: self.idle = self.idle + 1 if getattr(self.controller, "saturated", False) else 0
-    elif self.recoveries < self.recovery_phases:
+    elif not dead and self.recoveries < self.recovery_phases:
         outcome, self.recoveries, self.mode = "recovering", self.recoveries + 1, "recover"
     else:
         outcome = "rolled back"
@@ -396,80 +444,180 @@ def end_phase(self: PlayAndPrune, learn: Learner) -> bool:
         self.limit = max(1, attempt // 2)
         self.attempt = {}
     self._record(outcome, acc, removed, phase=mode, tried=tried)
-    self.controller.update(gap, outcome)
+    self.controller.update(gap if not dead else -math.inf, outcome)
     return self._continue(learn)
 
-
-# %% ../nbs/api/13_play_and_prune.ipynb #9f0d4722
 @patch
 def _continue(self: PlayAndPrune, learn: Learner) -> bool:
-    "Pick the next candidates, or say why the loop stops"
+    "Pick the next candidates, or say why the loop stops (and stop it)"
     room = {g.name for g in self.groups if g.n_channels > self.afp.min_channels} - self.closed
     if not room: self.stop_reason = "no filter can go: every layer is at min_channels or closed by a failed one-filter attempt"
     elif self.idle >= self.patience: self.stop_reason = f"{self.patience} iterations in a row removed nothing at maximum pressure"
     elif self.iter >= self.max_iters: self.stop_reason = f"max_iters={self.max_iters} reached"
-    if self.stop_reason: return False        # `finish` puts the last accepted model back if this one is below the floor
+    if self.stop_reason: self._stop(learn); return False
     self._next_candidates(learn)
     return True
 
+@patch
+def _stop(self: PlayAndPrune, learn: Learner) -> None:
+    "The loop is over: the last accepted model in `learn` (if a recovery was under way), no candidates, a `final` row"
+    if self.mode == "recover": self._put_back_best(learn)
+    self._settle(learn)
+    self._record("final", self.acc, 0, phase="final")
+
+@patch
+def _settle(self: PlayAndPrune, learn: Learner) -> None:
+    "Between phases: pruning mode, no candidates, a fresh phase count, the cost of the model now in `learn`"
+    self.mode, self.in_phase, self.recoveries, self.cand_start = "prune", 0, 0, {}
+    self._set_candidates(learn, {})
+    self._measure(learn)
+
+@patch
+def count_batch(self: PlayAndPrune, learn: Learner, # the fastai `Learner`, after a training batch
+                ) -> bool:
+    "Count a training batch; after the last batch of a phase run one iteration (`end_phase`). False once the loop has stopped"
+    self.batches += 1
+    if self.done: self.tail += 1; return False            # batches after the loop fine-tune its final model
+    self.in_phase += 1
+    if self.in_phase < self.n_phase: return True
+    self.in_phase = 0
+    return self.end_phase(learn)
 
 # %% ../nbs/api/13_play_and_prune.ipynb #1e265954
 @patch
-def finish(self: PlayAndPrune, learn: Learner, reason: str | None = None) -> None:
-    "Leave `learn` with an accepted model and record the final row"
-    if not self.started or (self.history and self.history[-1]["outcome"] == "final"): return
-    self.stop_reason = self.stop_reason or reason or "fit ended"
-    acc = _acc(learn)
-    if acc < self.floor - 1e-12 or self.mode == "recover":
-        self._put_back_best(learn); acc = self.best["extra"]["acc"]
-    self.mode, self.cand, self.terms, self.acc = "prune", {}, [], acc
-    self._measure(learn)
-    self._record("final", acc, 0, phase="final")
+def end_fit(self: PlayAndPrune, learn: Learner, # the fastai `Learner`, as its fit ends
+            ) -> None:
+    "When a `fit` ends, leave an accepted model in `learn`: a paused run's model or its last accepted one; a fine-tuned final model or the final one"
+    if not self.started: return
+    if self.done:
+        if self.tail: self.check_fine_tuning(learn)
+        return
+    if self.in_phase or self.mode == "recover":         # inside a phase, or below the floor: is this model within the tolerance?
+        acc = _acc(learn) if _finite(learn.model) else -math.inf
+        if acc >= self.floor - 1e-12: self.acc = acc; self.best = Checkpoint(learn, **self._extra())
+        else: self._put_back_best(learn)
+    self._settle(learn)
+    self._record("paused", self.acc, 0, phase="paused")
 
 @patch
-def restore_best(self: PlayAndPrune, learn: Learner) -> None:
-    "Put the last accepted model back in `learn` (after an interrupted run, for example)"
-    self._put_back_best(learn); self.acc = self.best["extra"]["acc"]
-    self.mode, self.cand, self.terms = "prune", {}, []
+def check_fine_tuning(self: PlayAndPrune, learn: Learner, # the fastai `Learner`, after training that followed the loop
+                      ) -> None:
+    "After training that followed the loop: keep the fine-tuned model if it is within the tolerance, else put the final one back"
+    acc = _acc(learn) if _finite(learn.model) else -math.inf
+    kept = acc >= self.floor - 1e-12
+    if kept: self.acc, self.best = acc, Checkpoint(learn, **self._extra())
+    else: self._put_back_best(learn)
+    self.iter, self.tail = self.iter + 1, 0
+    self._measure(learn)
+    self._record("fine-tuned" if kept else "fine-tune discarded", self.acc, 0, phase="fine-tune")
+
+@patch
+def finish(self: PlayAndPrune, learn: Learner, # the fastai `Learner` holding the run's model
+           reason: str = "stopped by the caller", # why the run stops (kept in `stop_reason`)
+          ) -> None:
+    "Stop the run for good, between fits: the model in `learn` (the one `end_fit` left) is recorded as `final`"
+    if not self.started or self.done: return
+    self.stop_reason = reason
+    self._stop(learn)
+
+@patch
+def restore_best(self: PlayAndPrune, learn: Learner, # the fastai `Learner` to put the model into
+                 ) -> None:
+    "Put the last accepted model back in `learn` (weights and optimiser state)"
+    self._put_back_best(learn)
+    self._settle(learn)
+
+@patch
+def interrupted(self: PlayAndPrune, learn: Learner, # the fastai `Learner` whose fit an exception left
+                ) -> None:
+    "After an exception inside `fit` (Ctrl-C, a crash): the last accepted model back in `learn`, recorded as `interrupted`"
+    self.restore_best(learn)
+    self.tail = 0
+    self._record("interrupted", self.acc, 0, phase="interrupted")
 
 @patch
 def frame(self: PlayAndPrune) -> pd.DataFrame:
     "`history` as a DataFrame, one column per layer for the filter counts (`filters.conv1`, ...)"
     return pd.json_normalize(self.history)
 
-
 # %% ../nbs/api/13_play_and_prune.ipynb #cd0c669c
+_CONTROL_FLOW = (CancelFitException, CancelEpochException, CancelTrainException, CancelValidException)
+
 @delegates(PlayAndPrune)
 class PlayAndPruneCallback(Callback):
-    "Play and Prune inside `learn.fit`: give a tolerance, get the smallest model within it (see `PlayAndPrune`)"
-    order, run_valid = 55, False
+    "Play and Prune inside `learn.fit`: fastai's events mapped onto a `PlayAndPrune` run (`self.loop`)"
+    order, run_valid = GradientAccumulation.order - 1, False   # the penalty joins the loss before accumulation scales it
     def __init__(self,
                  tolerance: float = 0.01, # accuracy the user can lose, as a fraction (0.01 = one point)
                  controller: PRC | None = None, # the pruning-rate controller (default: `GapController()`)
                  afp: AFP | None = None, # AFP settings (default: `AFP()`)
-                 anneal: bool = True, # within each phase, anneal the learning rate (cosine, to 1% of the fit's)
+                 stop_fit: bool = False, # cancel the rest of the fit once the loop stops (else it fine-tunes the final model)
                  **kwargs,
                 ):
-        self.loop, self.anneal, self.in_phase = PlayAndPrune(tolerance, controller, afp, **kwargs), anneal, 0
+        if not isinstance(stop_fit, bool): raise TypeError(f"PlayAndPruneCallback: stop_fit must be a bool, got {stop_fit!r}; pass True or False.")
+        self.loop, self.stop_fit = PlayAndPrune(tolerance, controller, afp, **kwargs), stop_fit
+
     def before_fit(self):
-        if not self.loop.started: self.loop.start(self.learn)
-        self.in_phase, self.lrs = 0, [h["lr"] for h in self.learn.opt.hypers]
-    def before_batch(self):
-        if self.in_phase >= self.loop.n_phase:
-            self.in_phase = 0
-            if not self.loop.end_phase(self.learn): raise CancelFitException()
-        if self.anneal:
-            f = 0.01 + 0.99 * (1 + math.cos(math.pi * self.in_phase / self.loop.n_phase)) / 2
-            self.learn.opt.set_hyper("lr", [lr * f for lr in self.lrs])
+        if in_lr_find(self.learn): self.run = False; return      # fastai's idiom: sit this fit out
+        if self.loop.done:
+            if self.stop_fit: raise CancelFitException()
+        elif self.loop.started: self.loop.resume(self.learn)
+        else: self.loop.start(self.learn)
+        self._watch_batches()
+
     def after_loss(self):
-        pen = self.loop.penalty(self.learn.model)
+        pen = self.loop.penalty()
         if pen is not None: self.learn.loss_grad = self.learn.loss_grad + pen
-    def before_step(self): self.loop.remember_signs(self.learn.model)
-    def after_step(self): self.loop.stop_at_zero(self.learn.model)
+
+    def before_step(self): self.loop.remember_signs()
+    def after_step(self): self.loop.stop_at_zero()
+
     def after_batch(self):
-        self.in_phase += 1; self.loop.batches += 1
+        if not self.loop.count_batch(self.learn) and self.stop_fit: raise CancelFitException()
+
     def after_fit(self):
-        self.loop.finish(self.learn)
+        self._unwatch_batches()
+        self.loop.end_fit(self.learn)
+
+# %% ../nbs/api/13_play_and_prune.ipynb #823f2601
+@patch
+def _watch_batches(self: PlayAndPruneCallback):
+    "Run every batch of this fit under a guard that puts the best accepted model back if an exception leaves it"
+    learn, loop = self.learn, self.loop
+    self._unwatch_batches()
+    one_batch = learn.one_batch
+    def guarded(*args):
+        try: return one_batch(*args)
+        except _CONTROL_FLOW: raise                        # fastai's own cancellations end the fit through `after_fit`
+        except BaseException:                              # Ctrl-C or a crash: fastai sends no event, `after_fit` never runs
+            self._unwatch_batches(learn)
+            loop.interrupted(learn)
+            raise
+    guarded.watched_by = self
+    learn.one_batch = guarded
+
+@patch
+def _unwatch_batches(self: PlayAndPruneCallback, learn: Learner | None = None):
+    "Take the guard off `learn.one_batch`"
+    learn = learn or self.learn
+    if getattr(learn.__dict__.get("one_batch"), "watched_by", None) is self: del learn.one_batch
+
+# %% ../nbs/api/13_play_and_prune.ipynb #f8d85fc1
+def phase_cosine(lr: float, # the learning rate at the start of every phase
+                 n_phase: int, # training batches per phase
+                 n_batches: int, # training batches in the whole fit (epochs x batches per epoch)
+                 final: float = 0.01, # the learning rate at the end of a phase, as a fraction of `lr`
+                ):
+    "A fastai schedule (progress of the fit in [0, 1] -> learning rate) that anneals from `lr` to `final * lr` within every phase"
+    who = "phase_cosine"
+    lr = check_number(lr, "lr", 0, None, who, low_open=True, hint="Give a learning rate such as 2e-3.")
+    n_phase = check_int(n_phase, "n_phase", 1, who, hint="Pass the training batches per phase (the loop's `phase_batches`).")
+    n_batches = check_int(n_batches, "n_batches", 1, who, hint="Pass epochs x batches per epoch of the fit.")
+    final = check_number(final, "final", 0, 1, who, hint="Give the last learning rate of a phase as a fraction of `lr`, such as 0.01.")
+    def sched(pos):
+        i = int(round(pos * n_batches)) % n_phase           # the batch's place in its phase (fastai's `pct_train` is a float sum)
+        return lr * (final + (1 - final) * (1 + math.cos(math.pi * i / n_phase)) / 2)
+    return sched
 
 # %% ../nbs/api/13_play_and_prune.ipynb #c47c1db8
 @delegates(PlayAndPrune)
@@ -477,7 +625,8 @@ def play_and_prune(learn: Learner, # a trained learner; `learn.model` is replace
                    tolerance: float = 0.01, # accuracy you can lose, as a fraction (0.01 = one point)
                    controller: PRC | None = None, # the pruning-rate controller (default: `GapController()`)
                    afp: AFP | None = None, # AFP settings (default: `AFP()`)
-                   lr: float | None = None, # constant learning rate of the loop (default: a third of `learn.lr`)
+                   lr: float | None = None, # learning rate of the loop (default: a third of `learn.lr`)
+                   anneal: bool = True, # within every phase, anneal the learning rate from `lr` to 1% of it (`phase_cosine`)
                    phase_batches: int | None = None, # training batches per phase (default: one epoch)
                    max_iters: int = 30, # stop after this many iterations
                    final_epochs: int = 0, # one-cycle fine-tuning epochs after the loop (kept only if within tolerance)
@@ -485,27 +634,32 @@ def play_and_prune(learn: Learner, # a trained learner; `learn.model` is replace
                    **kwargs,
                   ) -> PlayAndPrune:
     "Prune `learn.model` to the smallest model the controller finds within `tolerance`; returns the run (see `history`)"
-    cb = PlayAndPruneCallback(tolerance, controller, afp, phase_batches=phase_batches, max_iters=max_iters, **kwargs)
-    n_phase = phase_batches or len(learn.dls.train)
-    epochs = math.ceil((max_iters + 1) * n_phase / len(learn.dls.train))
+    who = "play_and_prune"
+    cb = PlayAndPruneCallback(tolerance, controller, afp, stop_fit=True, phase_batches=phase_batches, max_iters=max_iters, **kwargs)
+    lr = learn.lr / 3 if lr is None else check_number(lr, "lr", 0, None, who, low_open=True, hint="Give a learning rate such as 2e-3.")
+    final_epochs = check_int(final_epochs, "final_epochs", 0, who, hint="Pass 0 to skip the final fine-tuning.")
+    cbs = [] if cbs is None else list(cbs) if isinstance(cbs, (list, tuple)) else [cbs]
+    if anneal and any(isinstance(c, ParamScheduler) for c in cbs):
+        raise ValueError(f"{who}: cbs hold a fastai scheduler, which would override the loop's own learning-rate schedule; "
+                         "pass anneal=False to train the loop with yours")
+    check_finite(learn.model, who)
+    n_train = len(learn.dls.train)
+    n_phase = phase_batches or n_train
+    epochs = math.ceil((max_iters + 1) * n_phase / n_train)
+    sched = [ParamScheduler({"lr": phase_cosine(lr, n_phase, epochs * n_train)})] if anneal else []
+    with learn.no_bar(), learn.no_logging(): learn.fit(epochs, lr, cbs=[cb, *sched, *cbs])
     run = cb.loop
-    try:
-        with learn.no_bar(), learn.no_logging(): learn.fit(epochs, lr or learn.lr / 3, cbs=[cb, *(cbs or [])])
-    except KeyboardInterrupt:
-        if run.started: run.restore_best(learn); run.stop_reason = "interrupted"
-        raise
-    if final_epochs: _fine_tune(run, learn, final_epochs, lr or learn.lr / 3)
+    if not run.done: run.finish(learn, "the fit ended before the loop did")
+    if final_epochs: _fine_tune(run, learn, final_epochs, lr)
     return run
 
 def _fine_tune(run: PlayAndPrune, learn: Learner, epochs: int, lr: float) -> None:
-    "One-cycle fine-tuning of the final model, kept only if still within the tolerance"
-    snap = _snapshot(learn, {})
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
-    acc = _acc(learn)
-    kept = acc >= run.floor - 1e-12
-    if not kept: _restore(learn, snap); acc = run.history[-1]["acc"]
-    run.iter += 1; run.batches += epochs * len(learn.dls.train)     # spent, whether kept or not
-    run._record("fine-tuned" if kept else "fine-tune discarded", acc, 0, phase="fine-tune")
+    "One-cycle fine-tuning of the final model, kept only if still within the tolerance (an interrupt puts the final model back)"
+    try:
+        with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
+    except BaseException: run.restore_best(learn); raise
+    run.batches += epochs * len(learn.dls.train); run.tail += epochs * len(learn.dls.train)   # spent, whether kept or not
+    run.check_fine_tuning(learn)
 
 # %% ../nbs/api/13_play_and_prune.ipynb #bf0e5162
 def plot_play_and_prune(run, # a `PlayAndPrune` run, or its `frame()`
@@ -551,9 +705,10 @@ def replay(run, # a `PlayAndPrune` run, or its `frame()`
           ) -> dict:
     "The last accepted model of a recorded run that stays within `tolerance`, before the first model below the new floor"
     h = run.frame() if hasattr(run, "frame") else run
-    if not 0 < tolerance < 1: raise ValueError(f"tolerance is a fraction of accuracy (0.01 = one point), got {tolerance}")
+    tolerance = check_number(tolerance, "tolerance", 0, 1, "replay", low_open=True, high_open=True,
+                             hint="Give the accuracy you can lose as a fraction: 0.01 is one percentage point.")
     floor = h.acc.iloc[0] - tolerance
-    ok = h.outcome.isin(["start", "accepted", "recovered", "final", "fine-tuned"])
+    ok = h.outcome.isin(["start", "accepted", "recovered", "paused", "interrupted", "final", "fine-tuned"])   # rows of accepted models
     stop = len(h)
     for i, (acc, good) in enumerate(zip(h.acc, ok)):
         if good and acc < floor - 1e-12: stop = i; break
