@@ -16,12 +16,11 @@ import pandas as pd
 import torch
 from torch import nn
 from fastai.callback.core import Callback
-from fastai.callback.schedule import LRFinder
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
 
 from .core import WEIGHT_LAYERS, check_finite
-from .checkpoint import learner_example
+from .checkpoint import in_lr_find, learner_example
 from .sparse import (KeepMaskedCallback, apply_masks, check_masks, keep_counts, maskable_weights,
                                   masks_to_plan, sparsity_report, topk_mask)
 from .train import accuracy_on
@@ -149,7 +148,7 @@ class ADMMCallback(KeepMaskedCallback):
 
     def before_fit(self):
         self.owner = self.learn                                   # fastai detaches `learn` after fit; results need it
-        self.active = not any(isinstance(cb, LRFinder) for cb in self.learn.cbs)
+        self.active = not in_lr_find(self.learn)
         if not self.active: return                                # lr_find: no penalty, no update, no record
         targets = self.targets(self.learn.model)
         if self.masks: super().before_fit()

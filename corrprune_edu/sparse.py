@@ -7,7 +7,7 @@ Docs: https://corrprune-edu.github.io/corrprune_edu/api/sparse.html.md"""
 
 # %% ../nbs/api/06c_sparse.ipynb #32892bac
 from __future__ import annotations
-import copy, difflib, math, time, warnings
+import difflib, math, time, warnings
 
 import numpy as np
 import pandas as pd
@@ -15,14 +15,13 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from fastai.callback.core import Callback
-from fastai.callback.schedule import LRFinder
 from fastai.learner import Learner
 
 from .core import WEIGHT_LAYERS, check_finite
 from .flops import layer_costs
 from .channels import ChannelAnalysis, analyze_channels
-from .checkpoint import optimizer_state
-from .surgery import prune_channels
+from .checkpoint import in_lr_find, optimizer_state
+from .surgery import copy_model, prune_channels
 
 # %% auto #0
 __all__ = ['maskable_name', 'maskable_weights', 'check_masks', 'topk_mask', 'keep_counts', 'masks_from_scores',
@@ -172,7 +171,7 @@ def apply_masks(model: nn.Module, # the model
                ) -> nn.Module:
     "`model` with every masked weight set to exactly zero"
     check_masks(model, masks)
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)   # not deepcopy: a fastai hook holding a graph would not copy
     params = dict(target.named_parameters())
     with torch.no_grad():
         for k, m in masks.items(): params[k].masked_fill_(~m.to(params[k].device), 0.)
@@ -288,7 +287,7 @@ def quantize_nonzeros(model: nn.Module, # the (sparse) model
     for k, b in per.items():
         if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 16:
             raise ValueError(f"bits for '{k}' must be a whole number in [1, 16], got {b!r}")
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     params = dict(target.named_parameters())
     with torch.no_grad():
         for k, b in per.items():
@@ -444,7 +443,7 @@ class GradualMagnitudeCallback(KeepMaskedCallback):
         weights = maskable_weights(self.learn.model, self.layer_types)
         self.final = keep_counts(weights, self.sparsity, self.n_keep)          # errors before any training
         if self.masks is None: self.masks = {k: torch.ones_like(p, dtype=torch.bool) for k, p in weights.items()}
-        self.steps_done = 0
+        self.steps_done, self.probing = 0, in_lr_find(self.learn)      # lr_find: keep the masks, prune nothing new
         super().before_fit()
 
     def target_counts(self, progress: float) -> dict:
@@ -457,7 +456,7 @@ class GradualMagnitudeCallback(KeepMaskedCallback):
         return out
 
     def before_batch(self):
-        if not self.training: return
+        if not self.training or self.probing: return
         due = math.floor((self.pct_train - self.start) / (self.end - self.start) * self.n_steps + 1e-9)
         if due <= self.steps_done or self.steps_done >= self.n_steps: return
         self.steps_done = min(due, self.n_steps)
@@ -517,7 +516,7 @@ def prune_masked(model: nn.Module, # the masked model
     "Filter surgery on a masked model that slices its masks the same way: returns (pruned model, its masks)"
     check_masks(model, masks)
     a = analysis or analyze_channels(model, example_input)
-    twin = copy.deepcopy(model)
+    twin = copy_model(model)
     with torch.no_grad():
         for k, p in dict(twin.named_parameters()).items():
             if k in masks: p.copy_(masks[k].to(p.dtype))
