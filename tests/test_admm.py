@@ -1,7 +1,7 @@
 """Progressive ADMM: the projection and the W/Z/U algebra, the training contract of ADMMCallback (lr and wd used,
 no optimiser rebuild, nothing during lr_find, penalty scaled under GradientAccumulation), masked ADMM, errors before
 any work, and the progressive pool."""
-import copy, itertools
+import copy, itertools, re
 from functools import partial
 
 import pytest
@@ -11,7 +11,7 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.training import GradientAccumulation
 from fastai.optimizer import SGD, momentum_step, adam_step
 
-from corrprune_edu.admm import (ADMMCallback, admm_channel_plan, admm_init, admm_penalty, admm_prune, admm_update,
+from corrprune_edu.admm import (LENET5_KEEP, ADMMCallback, admm_channel_plan, admm_init, admm_penalty, admm_prune, admm_update,
                                 optimizer_for, progressive_admm, project_filters, project_topk)
 from corrprune_edu.core import set_seed
 from corrprune_edu.data import embedded_mnist_dls
@@ -277,3 +277,20 @@ def test_interrupted_progressive_leaves_the_last_finished_stage(dls):
     assert int(torch.count_nonzero(learn.model.fc1.weight)) == 40_000         # stage 1's model, not a half-done stage 2
     assert torch.equal(learn.model.fc1.weight != 0, learn.progressive_pool[0]["masks"]["fc1.weight"])
     assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in interrupt.stage1.items())
+
+
+# -- the demo ---------------------------------------------------------------------------------------------------
+
+def test_demo_admm_prints_nonzeros_compression_and_accuracy(capsys):
+    "`corrprune-demo --method admm` (small): every layer ends at its target non-zeros, and the output says so and by how much"
+    from corrprune_edu.demo import ADMM_RATE, main
+    assert main(["--method", "admm", "--epochs", "2", "--finetune-epochs", "1", "--n-per-class", "200"]) == 0
+    out = capsys.readouterr().out
+    rows = {l.split()[0]: l.split()[1:] for l in out.splitlines() if l.split() and l.split()[-1].endswith("x")
+            and l.split()[0] in ("conv1", "conv2", "fc1", "fc2", "total")}
+    dense = {k.rsplit(".", 1)[0]: p.numel() for k, p in lenet5().named_parameters() if k.endswith("weight")}
+    keep = dict(LENET5_KEEP[ADMM_RATE], total=sum(LENET5_KEEP[ADMM_RATE].values())); dense["total"] = sum(dense.values())
+    assert rows == {k: [f"{dense[k]:,}", f"{dense[k]:,}", f"{keep[k]:,}", f"{dense[k] / keep[k]:.1f}x"] for k in keep}
+    base, pruned = map(float, re.search(r"baseline ([\d.]+)%, pruned ([\d.]+)%", out).groups())
+    hard, retrained = map(float, re.search(r"right after hard pruning ([\d.]+)%, after masked retraining ([\d.]+)%", out).groups())
+    assert base > 80 and pruned > 30 and retrained > hard                # far above chance (10%); retraining recovers
