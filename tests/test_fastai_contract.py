@@ -186,15 +186,15 @@ def test_param_scheduler(method, learner):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_lr_find(method, learner):
-    "The sweep prunes nothing and leaves the method's state untouched: the next fit prunes"
-    learn = learner()
+    "The sweep prunes nothing and leaves the method's state untouched: the next fit starts from the whole model and prunes"
+    learn, size = learner(), size_of(method)
     learn.add_cb(METHODS[method]["cb"]())
     before = copy_model(learn.model)
     with quiet(learn): learn.lr_find(num_it=20, show_plot=False)
     assert same_weights(learn.model, before)
-    spy = Spy(want_lr=1e-3, size=size_of(method))
+    spy = Spy(want_lr=1e-3, size=size)
     with quiet(learn): learn.fit(2, 1e-3, cbs=spy)
-    assert spy.pruned
+    assert spy.steps[0]["size"] == size(before) and spy.pruned        # (masks made during the sweep would apply at once)
 
 
 # -- fastai's own callbacks beside the method -----------------------------------------------------------------------
