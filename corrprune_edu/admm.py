@@ -7,7 +7,7 @@ Docs: https://corrprune-edu.github.io/corrprune_edu/api/admm.html.md"""
 
 # %% ../nbs/api/14_admm.ipynb #6ba5f3dd
 from __future__ import annotations
-import copy, time
+import copy, time, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -157,6 +157,11 @@ class ADMMCallback(KeepMaskedCallback):
             rho = {k: 0.0 if n >= live[k] else (self.rho[k] if isinstance(self.rho, dict) else self.rho) for k, n in targets.items()}
             self.layers = admm_init(self.learn.model, targets, rho, self.structure)
         self.every = self.update_every or len(self.dls.train)
+        params = dict(self.learn.model.named_parameters())
+        frozen = [k for k, l in self.layers.items() if l.rho > 0 and not params[k].requires_grad]
+        if frozen: warnings.warn(f"ADMMCallback: {frozen} are frozen, so the penalty cannot pull them towards their sparse "
+                                 f"targets and their hard pruning will be plain magnitude pruning; unfreeze them, or leave "
+                                 f"them out of sparsity/n_keep")
         self.batches = 0
 
     def live(self, k: str, p: torch.Tensor) -> int:

@@ -53,16 +53,19 @@ def off_target(model):
 
 
 # Each method, set to prune within the first epoch of a 16-batch epoch. `penalty`: it adds a loss term.
-# `size`: what pruning shrinks (default: the number of parameters).
+# `size`: what pruning shrinks (default: the number of parameters); `shrink`: "pruned" means size < shrink * size at the
+# start. ADMM's 0.92: training without its penalty also concentrates the weights a little (off_target fell to 0.93-0.995
+# of its start across these scenarios), with the penalty to 0.47-0.90 (measured when the rows were added).
 METHODS = {
     "FCP": dict(cb=lambda: FCPCallback(macs_reduction=0.3, n_pairs=0.2, correlate_iters=3, finetune_iters=3), penalty=True),
     "COP": dict(cb=lambda: COPCallback(amount=0.3, at=0.3), penalty=False),
     "PlayAndPrune": dict(cb=lambda: PlayAndPruneCallback(tolerance=0.05, phase_batches=4, max_iters=6, afp=AFP(max_frac=0.3, negligible=1.0),
                                                          controller=FixedController(lam=0.05, W=0.95)), penalty=True),
     "GradualMagnitude": dict(cb=lambda: GradualMagnitudeCallback(sparsity=0.9, end=0.5, n_steps=4), penalty=False, size=n_nonzero),
-    "ADMM": dict(cb=lambda: ADMMCallback(ADMM_SPARSITY, rho=0.05, rho_growth=1.5, update_every=4), penalty=True, size=off_target),
+    "ADMM": dict(cb=lambda: ADMMCallback(ADMM_SPARSITY, rho=0.2, rho_growth=1.5, update_every=4), penalty=True, size=off_target, shrink=0.92),
 }
 def size_of(method): return METHODS[method].get("size", n_params)
+def shrunk(method, after, before) -> bool: return after < METHODS.get(method, {}).get("shrink", 1.0) * before
 
 
 # -- a small real learner -------------------------------------------------------------------------------------------
@@ -104,7 +107,8 @@ def learner(dls, trained_weights, tmp_path):
 class Spy(Callback):
     "Per optimiser step: the lr and wd the optimiser holds, the lr fastai's scheduler set (or `want_lr`), the model's `size`"
     order = 95                                            # after every other callback's before_step (and GradientAccumulation's skips)
-    def __init__(self, want_lr=None, size=n_params): self.want_lr, self.size, self.steps, self.epochs = want_lr, size, [], []
+    def __init__(self, want_lr=None, method=None):
+        self.want_lr, self.method, self.size, self.steps, self.epochs = want_lr, method, size_of(method) if method else n_params, [], []
     def before_fit(self): self.epochs.append(0)
     def after_epoch(self): self.epochs[-1] += 1
     def before_step(self):
@@ -122,7 +126,7 @@ class Spy(Callback):
             assert s["wd"] == [wd] * len(s["wd"]), f"wd at step {k}: {s['wd']}"
 
     @property
-    def pruned(self) -> bool: return self.steps[-1]["size"] < self.steps[0]["size"]
+    def pruned(self) -> bool: return shrunk(self.method, self.steps[-1]["size"], self.steps[0]["size"])
 
 
 def same_weights(a, b):
@@ -138,7 +142,7 @@ def opt_holds_model(learn):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_fit(method, learner):
-    learn, spy = learner(), Spy(want_lr=5e-3, size=size_of(method))
+    learn, spy = learner(), Spy(want_lr=5e-3, method=method)
     with quiet(learn): learn.fit(2, 5e-3, wd=0.123, cbs=[METHODS[method]["cb"](), spy])
     spy.check(wd=0.123)
     assert spy.pruned and spy.epochs == [2] and opt_holds_model(learn)
@@ -146,7 +150,7 @@ def test_fit(method, learner):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_fit_one_cycle(method, learner):
-    learn, spy = learner(), Spy(size=size_of(method))
+    learn, spy = learner(), Spy(method=method)
     with quiet(learn): learn.fit_one_cycle(2, 4e-3, wd=0.0777, cbs=[METHODS[method]["cb"](), spy])
     spy.check(wd=0.0777)
     assert spy.pruned and spy.epochs == [2]
@@ -155,14 +159,14 @@ def test_fit_one_cycle(method, learner):
 @pytest.mark.parametrize("method", METHODS)
 def test_fine_tune(method, learner):
     "Both stages keep fine_tune's schedules and the wd asked for, run their epochs, and prune once in total"
-    learn, spy = learner(splitter=two_groups), Spy(size=size_of(method))
+    learn, spy = learner(splitter=two_groups), Spy(method=method)
     cb, size = METHODS[method]["cb"](), size_of(method)
     before = size(learn.model)
     with quiet(learn), warnings.catch_warnings():
         warnings.simplefilter("ignore")                  # FCP says it leaves the frozen stage's convs alone
         learn.fine_tune(2, 2e-3, freeze_epochs=1, wd=0.05, cbs=[cb, spy])
     spy.check(wd=0.05)
-    assert spy.epochs == [1, 2] and size(learn.model) < before
+    assert spy.epochs == [1, 2] and shrunk(method, size(learn.model), before)
     once = {"FCP": lambda: cb.fcp.done and 0.3 <= cb.fcp.macs_removed(learn.model) < 0.4,
             "COP": lambda: cb.done and filter_counts(learn.model) != filter_counts(lenet5()) and sum(filter_counts(learn.model)[k] for k in ("conv1", "conv2")) == 70 - 21,
             "PlayAndPrune": lambda: [h["outcome"] for h in cb.loop.history].count("start") == 1
@@ -178,7 +182,7 @@ def test_fine_tune(method, learner):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_param_scheduler(method, learner):
-    learn, spy = learner(), Spy(size=size_of(method))
+    learn, spy = learner(), Spy(method=method)
     with quiet(learn): learn.fit(2, cbs=[METHODS[method]["cb"](), ParamScheduler({"lr": SchedLin(2e-3, 2e-4)}), spy])
     spy.check(wd=learn.wd)
     assert spy.pruned and spy.epochs == [2]
@@ -192,7 +196,7 @@ def test_lr_find(method, learner):
     before = copy_model(learn.model)
     with quiet(learn): learn.lr_find(num_it=20, show_plot=False)
     assert same_weights(learn.model, before)
-    spy = Spy(want_lr=1e-3, size=size)
+    spy = Spy(want_lr=1e-3, method=method)
     with quiet(learn): learn.fit(2, 1e-3, cbs=spy)
     assert spy.steps[0]["size"] == size(before) and spy.pruned        # (masks made during the sweep would apply at once)
 
@@ -253,7 +257,7 @@ def test_show_graph_callback(method, learner):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_gradient_accumulation(method, learner):
-    learn, spy = learner(), Spy(want_lr=1e-3, size=size_of(method))
+    learn, spy = learner(), Spy(want_lr=1e-3, method=method)
     with quiet(learn): learn.fit(2, 1e-3, cbs=[METHODS[method]["cb"](), GradientAccumulation(n_acc=3 * learn.dls.train.bs), spy])
     spy.check(wd=learn.wd)
     assert spy.pruned and spy.epochs == [2]
@@ -291,7 +295,7 @@ class CPUMixedPrecision(MixedPrecision):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_mixed_precision(method, learner):
-    learn, spy = learner(), Spy(want_lr=1e-3, size=size_of(method))
+    learn, spy = learner(), Spy(want_lr=1e-3, method=method)
     with quiet(learn): learn.fit(2, 1e-3, cbs=[METHODS[method]["cb"](), CPUMixedPrecision(), spy])
     assert spy.pruned and spy.epochs == [2]
     assert not torch.is_autocast_enabled("cpu")                          # autocast is off after the fit
@@ -316,7 +320,7 @@ def test_activation_stats_and_hooks(method, learner):
 def test_save_load_into_a_fresh_learner(method, learner):
     learn, cb, size = learner(), METHODS[method]["cb"](), size_of(method)
     with quiet(learn): learn.fit(2, 1e-3, cbs=cb)
-    assert size(learn.model) < size(learner().model)
+    assert shrunk(method, size(learn.model), size(learner().model))
     learn.save("pruned")
     fresh = learner()
     fresh.load("pruned")
@@ -346,7 +350,7 @@ def test_frozen_vision_learner_body(method, dls):
         warnings.simplefilter("always")
         learn.fit(2, 1e-3, cbs=METHODS[method]["cb"]())
     said = any("frozen" in str(x.message) for x in w)
-    assert size(learn.model) < before or said
+    assert shrunk(method, size(learn.model), before) or said
     assert learn.opt.frozen_idx == 1 and opt_holds_model(learn)
     body = learn.model[0]
     assert not any(m.weight.requires_grad for m in body.modules() if isinstance(m, nn.Conv2d))
