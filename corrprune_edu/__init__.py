@@ -2,6 +2,7 @@
 
 Modules:
 
+- `corrprune_edu.admm`: Weight pruning as constrained optimisation (Ye et al. 2018): ADMM-regularised training, hard pruning and masked retraining, and the progressive schedule that reaches high rates through partial prunings, inside `learn.fit`
 - `corrprune_edu.channels`: Which channels are coupled to which layers: run the model once, follow every channel through every operation, and group the channels that can only be pruned together
 - `corrprune_edu.checkpoint`: Prune a fastai `Learner`'s model in the middle of `fit` without losing the optimiser's hyper-parameters, state or the user's hooks; checkpoint and restore a Learner; save and load pruned models, also through `learn.save` / `learn.load`
 - `corrprune_edu.checks`: Feedback that teaches: every check names the task, the input it tried, what it expected and what came back, and says what is probably wrong
@@ -19,6 +20,7 @@ Modules:
 - `corrprune_edu.pairs`: The most redundant filter pairs: greedy disjoint matching on |correlation|, per layer or across layers, and which filter of a pair goes
 - `corrprune_edu.play_and_prune`: Give an error tolerance, get the smallest model within it: adaptive filter pruning (AFP) shrinks the network while a pruning-rate controller (PRC) protects its accuracy, inside `learn.fit`
 - `corrprune_edu.results`: One file format for every benchmark, so tables and plots come from the same files
+- `corrprune_edu.sparse`: Weight masks as a first-class object: build them from scores, apply them, keep them applied while a fastai `Learner` trains, count what a sparse model really costs, and hand fully-masked filters to surgery
 - `corrprune_edu.surgery`: Remove channels from a real network, exactly: check a plan, cut the planned channels out of every tensor they index (or mask them), and fold a channel into its twin
 - `corrprune_edu.train`: A fastai `Learner` factory with good defaults, accuracy on any split, and a cache of trained baselines
 - `corrprune_edu.viz`: Figures the tutorials share: where the cost of a network sits, and what its filters look like"""
