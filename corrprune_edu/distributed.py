@@ -30,7 +30,7 @@ from .checkpoint import prune_learner
 # %% auto #0
 __all__ = ['is_distributed', 'rank', 'world_size', 'is_main_process', 'collective_device', 'all_reduce_sum', 'broadcast_object',
            'gather_objects', 'check_agreement', 'on_main_process', 'shared_seed', 'unwrap_model', 'own_samples',
-           'accuracy_counts', 'distributed_accuracy', 'unwrapped', 'prune_learner_distributed']
+           'batches_per_process', 'accuracy_counts', 'distributed_accuracy', 'unwrapped', 'prune_learner_distributed']
 
 # %% ../nbs/api/06d_distributed.ipynb #f9d02be2
 def is_distributed() -> bool:
@@ -150,6 +150,12 @@ def own_samples(dl, # a `DistributedDL` that has started iterating (or any other
     if not isinstance(dl, DistributedDL): return None
     per_rank = dl.n_padded // dl.world_size
     return min(max(dl.n - dl.rank * per_rank, 0), per_rank)
+
+def batches_per_process(dl, # a fastai `DataLoader` (e.g. `learn.dls.train`), sharded already or not yet
+                       ) -> int:
+    "Batches each process runs in one epoch of `dl`: `len(dl)` on one process, its share (rounded up) once sharded over N"
+    if isinstance(dl, DistributedDL): return len(dl)
+    return -(-len(dl) // world_size())
 
 def accuracy_counts(model: nn.Module, # the classifier (a DDP wrapper is looked through)
                     dl, # a fastai `DataLoader`; sharded over the processes if it is not a `DistributedDL` already
