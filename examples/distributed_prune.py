@@ -67,7 +67,7 @@ class PruneOnce(Callback):
 # the package's callbacks, as a user adds them to `fit` (any of their arguments works the same on N processes)
 METHODS = {"fcp": lambda: FCPCallback(macs_reduction=0.5, tolerance=0.03, n_pairs=4, correlate_iters=20, finetune_iters=40),
            "cop": lambda: COPCallback(amount=0.5, at=0.25),
-           "pp": lambda: PlayAndPruneCallback(tolerance=0.01, controller=GapController(lam=0.1, W=0.9, lam_max=1.0),
+           "pp": lambda: PlayAndPruneCallback(tolerance=0.02, controller=GapController(lam=0.1, W=0.9, lam_max=1.0),
                                               afp=AFP(negligible=0.2), phase_batches=20, max_iters=10)}
 
 
@@ -82,6 +82,7 @@ def main():
     ap.add_argument("--method", choices=["l1", *METHODS], default="l1",
                     help="l1: the PruneOnce callback below, inside fit_one_cycle; fcp, cop, pp: the package's callback in a following fit")
     ap.add_argument("--prune-epochs", type=int, default=3, help="epochs of the fit with the package's callback (--method fcp, cop, pp)")
+    ap.add_argument("--prune-lr", type=float, default=1e-3, help="its constant learning rate")
     ap.add_argument("--at", type=float, default=0.5, help="prune at this fraction of training")
     ap.add_argument("--amount", type=float, default=0.5, help="fraction of each conv layer's filters to remove")
     ap.add_argument("--cpu", action="store_true", help="train on CPU cores with gloo (without it, Accelerate uses the GPUs)")
@@ -102,7 +103,7 @@ def main():
             if args.method == "l1": learn.fit_one_cycle(args.epochs, args.lr, cbs=cb)
             else:
                 learn.fit_one_cycle(args.epochs, args.lr)                         # train, then prune while fine-tuning
-                learn.fit(args.prune_epochs, args.lr, cbs=cb)
+                learn.fit(args.prune_epochs, args.prune_lr, cbs=cb)
         seconds = time.perf_counter() - t0
         acc = distributed_accuracy(learn.model, dls.test)          # every process scores its share of the test set
     net = unwrap_model(learn.model)
