@@ -205,7 +205,7 @@ def run(scenario: str, args) -> dict:
     cb = SCENARIOS[scenario](args.fail)
     cbs = [cb]
     if args.fail and scenario == "fcp": cbs.append(FailBeforeDrop(cb, args.fail))
-    if scenario != "l1": watch = WatchBefore(cb); cbs += [watch, WatchAfter(watch)]
+    if scenario != "l1": watch = WatchBefore(cb); after = WatchAfter(watch); cbs += [watch, after]
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=args.timeout))
     with learn.distrib_ctx(cpu=True, sync_bn=False, kwargs_handlers=[timeout]):
         with quiet(learn):
@@ -213,14 +213,14 @@ def run(scenario: str, args) -> dict:
             t0 = time.perf_counter()
             learn.fit(args.epochs, 3e-3, cbs=cbs)
             seconds = time.perf_counter() - t0
+            if scenario != "l1": on_main_process(learn.save, args.out/f"{scenario}_model")   # pruning-aware; rank 0 writes, the others wait
     out = dict(rank=rank(), world_size=world_size(), seconds=seconds, state=snapshot(learn.model),
                history=getattr(learn.model, "pruning_history", []), counts=filter_counts(learn.model), opt=opt_state(learn),
                recorder=[[float(v) for v in row] for row in learn.recorder.values])
     if scenario == "l1": out["evidence"] = cb.ev
     else:
-        after = cbs[2]
-        out.update(log=method_log(cb), base_acc=baseline_acc(cb), initial=cbs[1].initial, cuts=after.cuts, checked=after.checked, last_change=after.last_change,
-                   final=record(learn.model))
+        out.update(log=method_log(cb), base_acc=baseline_acc(cb), initial=watch.initial, cuts=after.cuts, checked=after.checked,
+                   last_change=after.last_change, final=record(learn.model))
     print(f"rank {rank()} of {world_size()}: {scenario} done in {seconds:.1f}s, filters {filter_counts(learn.model)}", flush=True)
     return out
 
@@ -237,9 +237,9 @@ def main():
     if set(scenarios) - set(SCENARIOS): ap.error(f"unknown scenario(s) {sorted(set(scenarios) - set(SCENARIOS))}")
     if args.fail and scenarios not in (["l1"], ["fcp"]): ap.error("--fail is for the l1 or the fcp scenario alone")
     torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
     results = {s: run(s, args) for s in scenarios}
     results[scenarios[0]]["primitives"] = primitives()
-    args.out.mkdir(parents=True, exist_ok=True)
     for s, record_ in results.items(): torch.save(record_, args.out/f"{s}_rank{rank()}.pt")
 
 

@@ -19,7 +19,7 @@ from corrprune_edu.cop import COP, plan_from_selection
 from corrprune_edu.core import filter_counts
 from corrprune_edu.models import lenet5
 from corrprune_edu.surgery import prune_channels
-from corrprune_edu.train import accuracy_on
+from corrprune_edu.train import accuracy_on, make_learner
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -92,6 +92,7 @@ def runs(tmp_path_factory):
     rc, log = torchrun([",".join(SCENARIOS), str(out)], out)
     assert rc == 0, f"torchrun failed (exit {rc}):\n{log[-5000:]}"
     ranks = {s: load_ranks(out, s) for s in SCENARIOS}
+    for s in METHODS: ranks[s][0]["saved"] = out/f"{s}_model"            # learn.save / learn.load add ".pth"
     fits = ", ".join(f"{s} {ranks[s][0]['seconds']:.1f}s" for s in SCENARIOS)
     print(f"\n2-process launch of {'/'.join(SCENARIOS)}: {time.perf_counter() - t0:.1f}s wall with start-up; fits: {fits}")
     return ranks
@@ -220,6 +221,15 @@ def test_method_training_after_the_last_change_moves_every_weight(runs, method):
             assert w.shape == end["state"][name].shape
             assert (w != end["state"][name]).all(), f"{method}, rank {r['rank']}: training did not move all of '{name}' after the last change"
         assert set(r["opt"]) == {n for n, _ in _rebuilt(end).named_parameters()}, "the optimiser must hold state for every parameter"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_rank0_saves_a_pruned_learner_file(runs, method):
+    "rank 0's `learn.save` (through `on_main_process`) loads into a fresh Learner: same shape, same weights as every rank's"
+    learn = make_learner(lenet5(widths=WIDTHS), small_dls())
+    learn.load(runs[method][0]["saved"])
+    assert filter_counts(learn.model) == runs[method][0]["counts"]
+    assert_same({n: p.detach() for n, p in learn.model.named_parameters()}, runs[method][1]["state"], f"{method}: loaded file")
 
 
 def _accuracy(rec, valid): return accuracy_on(_rebuilt(rec), valid)
