@@ -5,8 +5,8 @@
 
 Trains LeNet-5 (8-16-32) on a small MNIST subset inside `learn.distrib_ctx(cpu=True)` (gloo) and prunes in the
 middle of `fit` with a scenario's callback: `l1` cuts once with an L1 plan; `fcp`, `cop` and `pp` run the package's
-own callbacks (FCPCallback, COPCallback, PlayAndPruneCallback) on a briefly pre-trained network, one after the other
-in the same processes. It writes what the test checks to OUT_DIR/<scenario>_rank<r>.pt. `--fail exit` or
+own callbacks (FCPCallback, COPCallback, PlayAndPruneCallback; `pp_rollback` sets a floor no network reaches, so
+every cut is rolled back) on a briefly pre-trained network, one after the other in the same processes. It writes what the test checks to OUT_DIR/<scenario>_rank<r>.pt. `--fail exit` or
 `--fail hang` makes rank 1 exit or hang at the moment of the L1 cut (or right before FCP's first drop), to check that
 the other rank fails, not hangs.
 """
@@ -174,7 +174,11 @@ SCENARIOS = {"l1": lambda fail: CutWithL1(fail=fail),
              "cop": lambda fail: COPCallback(amount=0.5, at=0.5),
              # four phases of 4 batches, then 12 batches that fine-tune the final network
              "pp": lambda fail: PlayAndPruneCallback(tolerance=0.05, controller=GapController(lam=1.0, W=0.9, lam_max=1.0),
-                                                     afp=AFP(max_frac=0.3, negligible=0.9), phase_batches=4, max_iters=4)}
+                                                     afp=AFP(max_frac=0.3, negligible=0.9), phase_batches=4, max_iters=4),
+             # a floor no network reaches (baseline 100%): every cut is rolled back at once, then 16 batches fine-tune
+             "pp_rollback": lambda fail: PlayAndPruneCallback(tolerance=0.001, baseline_acc=1.0, recovery_phases=0,
+                                                              controller=GapController(lam=1.0, W=0.9, lam_max=1.0),
+                                                              afp=AFP(max_frac=0.3, negligible=0.9), phase_batches=4, max_iters=3)}
 
 
 def primitives() -> dict:
