@@ -55,10 +55,21 @@ def filter_admm_table() -> pd.DataFrame:
     return pd.concat([ours, same]).sort_values(["level", "method"], kind="stable")
 
 
+def distributed_compare() -> pd.DataFrame:
+    "One row per method and process count: filters kept, MACs removed and accuracies in %, prune-fit seconds"
+    df = results_table(RESULTS / "distributed_compare.json")
+    out = pd.DataFrame({"method": df.method, "processes": df.processes, "filters": df.filters,
+                        "MACs removed": df.macs_reduction.map(PCT), "valid acc (pre-trained)": df.base_acc.map(PCT),
+                        "valid acc": df.valid_acc.map(PCT), "test acc": df.test_acc.map(PCT), "fit s": df.fit_seconds,
+                        "ranks equal": df.ranks_bitwise_equal})
+    return out.sort_values(["method", "processes"], kind="stable")
+
+
 TABLES = {"lenet5_mnist": lambda: accuracy_table("lenet5_mnist"),
           "resnet20_cifar10": lambda: accuracy_table("resnet20_cifar10"),
           "surgery_speed": surgery_speed, "surgery_latency": surgery_latency,
-          "admm_lenet5": lambda: weight_pruning_table("admm_lenet5"), "admm_filters_lenet5": filter_admm_table}
+          "admm_lenet5": lambda: weight_pruning_table("admm_lenet5"), "admm_filters_lenet5": filter_admm_table,
+          "distributed_compare": distributed_compare}
 
 
 def markdown(df: pd.DataFrame) -> str:
