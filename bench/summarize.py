@@ -35,6 +35,35 @@ def surgery_latency() -> pd.DataFrame:
                                                              "latency_ms", "speedup", "speedup_over_macs_ratio"])
 
 
+def weight_pruning_table(name: str) -> pd.DataFrame:
+    "Weight-pruning benchmarks: one row per rate and method; non-zeros per layer, accuracy, budget and wall time"
+    df = results_table(RESULTS / f"{name}.json")
+    out = pd.DataFrame({"rate": df.level, "method": df.method, "non-zeros per layer": df.nonzero,
+                        "compression": df.compression.map(lambda v: f"{v:.1f}x"), "test acc": (100 * df.test_acc).round(2),
+                        "drop (pts)": df.acc_drop_points, "valid acc right after pruning": df.get("valid_acc_after_prune", pd.Series(index=df.index, dtype=float)).map(
+                            lambda v: "n/a" if pd.isna(v) else f"{100 * v:.2f}"),
+                        "epochs": df.epochs, "wall time (s)": df.seconds.round(0).astype(int)})
+    order = {m: i for i, m in enumerate(["oneshot", "gradual", "admm", "progressive"])}
+    return out.assign(_r=df.rate, _m=df.method.map(order)).sort_values(["_r", "_m"]).drop(columns=["_r", "_m"])
+
+
+def filter_admm_table() -> pd.DataFrame:
+    "Structured ADMM next to the filter methods of lenet5_mnist.json at the same levels (same filter counts, same budget)"
+    ours = accuracy_table("admm_filters_lenet5")
+    theirs = accuracy_table("lenet5_mnist")
+    same = theirs[theirs.level.isin(ours.level) & theirs.method.isin(["fcp", "l1", "random"])]
+    return pd.concat([ours, same]).sort_values(["level", "method"], kind="stable")
+
+
+def distributed_compare() -> pd.DataFrame:
+    "One row per method and process count: filters kept, MACs removed and accuracies in %, prune-fit seconds"
+    df = results_table(RESULTS / "distributed_compare.json")
+    out = pd.DataFrame({"method": df.method, "processes": df.processes, "filters": df.filters,
+                        "MACs removed": df.macs_reduction.map(PCT), "valid acc (pre-trained)": df.base_acc.map(PCT),
+                        "valid acc": df.valid_acc.map(PCT), "test acc": df.test_acc.map(PCT), "fit s": df.fit_seconds,
+                        "ranks equal": df.ranks_bitwise_equal})
+    return out.sort_values(["method", "processes"], kind="stable")
+
 def fdnp_table(name: str) -> pd.DataFrame:
     "Weight-level benchmarks: one row per method and sparsity; compression = weights (or coefficients) / non-zeros"
     df = results_table(RESULTS / f"{name}.json")
@@ -68,6 +97,8 @@ def fdnp_goals(name: str) -> pd.DataFrame:
 TABLES = {"lenet5_mnist": lambda: accuracy_table("lenet5_mnist"),
           "resnet20_cifar10": lambda: accuracy_table("resnet20_cifar10"),
           "surgery_speed": surgery_speed, "surgery_latency": surgery_latency,
+          "admm_lenet5": lambda: weight_pruning_table("admm_lenet5"), "admm_filters_lenet5": filter_admm_table,
+          "distributed_compare": distributed_compare,
           "fdnp_lenet5": lambda: fdnp_table("fdnp_lenet5"), "fdnp_resnet20": lambda: fdnp_table("fdnp_resnet20")}
 EXTRA = {"fdnp_lenet5": fdnp_goals, "fdnp_resnet20": fdnp_goals}
 SCRIPTS = {"fdnp_lenet5": "fdnp.py lenet5", "fdnp_resnet20": "fdnp.py resnet20"}

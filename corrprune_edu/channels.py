@@ -669,7 +669,7 @@ def plot_channel_groups(model: nn.Module, # the model
     ax.set_xlim(-0.6, len(gs) - 0.4); ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xticks(range(len(gs))); ax.set_xticklabels([f"{g.name} ({g.n_channels})" for g in gs], rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(rows))); ax.set_yticklabels(rows, fontsize=7)
-    ax.set_xlabel("channel group (named by its first producer)")
+    ax.set_xlabel("channel group (named by its first producer)"); ax.set_ylabel("layer")
     ax.legend(handles=[Patch(color=c, label=r) for r, c in ROLE_COLOURS.items()], loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
     if title: ax.set_title(title)
     fig.tight_layout()

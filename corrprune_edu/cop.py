@@ -25,7 +25,8 @@ from .correlation import cop_matrix
 from .criteria import select_groups
 from .flops import CostModel
 from .channels import ChannelAnalysis, analyze_channels
-from .checkpoint import learner_example, prune_learner
+from .checkpoint import learner_example
+from .distributed import on_main_process, prune_learner_distributed, unwrap_model
 
 # %% auto #0
 __all__ = ['NORMALIZERS', 'TABLE4_SETTINGS', 'normalize_correlation', 'redundancy', 'COP', 'plan_from_selection', 'cop_scores',
@@ -309,15 +310,17 @@ class COPCallback(Callback):
     def prune(self):
         "Score the current model, select COP's cuts, and prune the learner (optimiser rebuilt with its hyper-parameters)"
         x = learner_example(self.learn)
-        cop = COP(self.learn.model, x, **self.cop_kwargs)
-        self.selection = cop.select(alpha=self.alpha, beta=self.beta, gamma=self.gamma, min_channels=self.min_channels, **self.target)
+        def choose():
+            cop = COP(unwrap_model(self.learn.model), x, **self.cop_kwargs)
+            return cop.macs, cop.select(alpha=self.alpha, beta=self.beta, gamma=self.gamma, min_channels=self.min_channels, **self.target)
+        macs, self.selection = on_main_process(choose)          # decided on rank 0, shared with every process
         self.plan = plan_from_selection(self.selection)
-        info = prune_learner(self.learn, self.plan, example_input=x)
+        info = prune_learner_distributed(self.learn, self.plan, example_input=x)
         last = self.selection.iloc[-1] if len(self.selection) else None
-        self.summary = dict(info, macs_before=cop.macs, macs_after=cop.macs if last is None else int(last.macs),
+        self.summary = dict(info, macs_before=macs, macs_after=macs if last is None else int(last.macs),
                             filters_removed=0 if last is None else int(last.filters_removed), epoch=self.epoch,
                             step=self.train_iter, pct_train=self.train_iter / (self.n_epoch * self.n_iter))
         self.done = True
         if self.verbose:
             print(f"COP at {self.summary['pct_train']:.0%} of training: {self.summary['filters_removed']} filters removed, "
-                  f"MACs {cop.macs:,} -> {self.summary['macs_after']:,}, params {info['params_before']:,} -> {info['params_after']:,}")
+                  f"MACs {macs:,} -> {self.summary['macs_after']:,}, params {info['params_before']:,} -> {info['params_after']:,}")

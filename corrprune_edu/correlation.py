@@ -181,6 +181,7 @@ def plot_correlation(corr: torch.Tensor, # (C, C) matrix
                     ):
     "Heatmap of a correlation matrix, with selected pairs outlined; returns the axes"
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     c = corr.detach().float().cpu()
     if absolute: c = c.abs()
     if ax is None: _, ax = plt.subplots(figsize=(4.2, 3.6))
@@ -189,6 +190,7 @@ def plot_correlation(corr: torch.Tensor, # (C, C) matrix
         for (r, s) in ((i, j), (j, i)):
             ax.add_patch(plt.Rectangle((s - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.5))
     ax.set_xlabel("filter"); ax.set_ylabel("filter")
+    for axis in (ax.xaxis, ax.yaxis): axis.set_major_locator(MaxNLocator(integer=True))   # filters are whole numbers
     if title: ax.set_title(title, fontsize=10)
-    plt.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    plt.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="|correlation|" if absolute else "correlation")
     return ax

@@ -9,37 +9,87 @@ Docs: https://corrprune-edu.github.io/corrprune_edu/api/demo.html.md"""
 # %% ../nbs/api/99_demo.ipynb #9e7045ac
 from __future__ import annotations
 import argparse, time
+from functools import partial
 
+import pandas as pd
+from fastai.optimizer import SGD
+
+from .admm import LENET5_KEEP, admm_prune
 from .core import set_seed, set_threads
 from .criteria import l1_plan
 from .fcp import fcp
 from .flops import format_costs, layer_costs
 from .checkpoint import prune_learner
-from .train import cached_baseline, compare_models, evaluate, fit, format_comparison
+from .sparse import sparsity_report
+from .train import cached_baseline, compare_models, evaluate, fit, format_comparison, quiet
 
 # %% auto #0
-__all__ = ['DEMO_TARGET', 'L1_AMOUNT', 'run_demo', 'main']
+__all__ = ['DEMO_TARGET', 'L1_AMOUNT', 'ADMM_RATE', 'ADMM_PHASE', 'METHODS', 'format_sparsity', 'run_demo', 'main']
 
 # %% ../nbs/api/99_demo.ipynb #ee988f20
 DEMO_TARGET = 0.8          # fraction of MACs to remove
 L1_AMOUNT = {"conv1": 0.5, "conv2": 0.7}   # filters 20-50 -> 10-15: 78% fewer MACs
+ADMM_RATE = 20             # times fewer non-zero weights (95% zeros); per-layer counts from `LENET5_KEEP` (PROPOSAL)
+ADMM_PHASE = dict(rho=0.1, rho_growth=1.3, rho_max=1.0, lr=0.02)   # bench/admm_lenet5.py's ADMM phase (SGD, momentum 0.9)
+METHODS = ("fcp", "l1", "admm")
 
 def _prune(learn, method: str, finetune_epochs: int):
-    if method == "fcp":
-        fcp(learn, macs_reduction=DEMO_TARGET, n_pairs=0.4, correlate_iters=20, finetune_iters=20)
-    elif method == "l1": prune_learner(learn, l1_plan(learn.model, (1, 28, 28), L1_AMOUNT))
-    else: raise ValueError(f"method must be 'fcp' or 'l1', got {method!r}")
+    if method == "fcp": fcp(learn, macs_reduction=DEMO_TARGET, n_pairs=0.4, correlate_iters=20, finetune_iters=20)
+    else: prune_learner(learn, l1_plan(learn.model, (1, 28, 28), L1_AMOUNT))
     fit(learn, finetune_epochs, lr=1e-3)
     return learn.model
 
+def _filter_demo(learn, method: str, finetune_epochs: int, out) -> dict:
+    "Structured pruning (FCP or L1), fine-tuning, and the cost/accuracy comparison"
+    how = (f"FCP (correlate-then-drop filter pairs, to {int(100*DEMO_TARGET)}% fewer MACs)" if method == "fcp" else
+           f"L1 norm ({', '.join(f'{int(100*v)}% of {k}' for k, v in L1_AMOUNT.items())})")
+    out(f"\nPruning with {how}, then {finetune_epochs} epochs of fine-tuning")
+    base = learn.model
+    pruned = _prune(learn, method, finetune_epochs)
+    table = compare_models({"baseline": base, f"pruned ({method})": pruned}, (1, 28, 28), learn.dls.test, batch_size=64)
+    out(format_comparison(table) + f"\n(accuracy on the {len(learn.dls.test.dataset):,} test images; ms: median CPU forward time, 2 threads)")
+    return dict(pruned_test_acc=float(table.accuracy[1]), macs_reduction=float(table.macs_reduction[1]))
+
+def format_sparsity(before: pd.DataFrame, # `sparsity_report` of the model before weight pruning
+                    after: pd.DataFrame, # `sparsity_report` of the pruned model
+                   ) -> str:
+    "Weights, non-zeros before and after, and compression (total / non-zero) per layer, as a fixed-width table"
+    df = pd.DataFrame({"layer": [p.rsplit(".", 1)[0] for p in before.param], "weights": before.weights,
+                       "non-zero before": before.nonzero, "non-zero after": after.nonzero,
+                       "compression": after.compression})
+    n = "{:,}".format
+    return df.to_string(index=False, formatters={"weights": n, "non-zero before": n, "non-zero after": n,
+                                                 "compression": "{:.1f}x".format})
+
+def _admm_demo(learn, epochs: int, test_acc: float, out) -> dict:
+    "Direct ADMM to `ADMM_RATE`: `epochs` of ADMM (SGD), hard pruning, `epochs` of masked retraining (Adam); before/after"
+    keep = LENET5_KEEP[ADMM_RATE]
+    out(f"\nPruning single weights with direct ADMM to {ADMM_RATE}x fewer non-zeros "
+        f"({', '.join(f'{k} {v:,}' for k, v in keep.items())} kept):\n{epochs} epochs of ADMM-regularised training, "
+        f"hard pruning, {epochs} epochs of masked retraining")
+    before = sparsity_report(learn.model)
+    with quiet(learn):
+        res = admm_prune(learn, n_keep=keep, admm_epochs=epochs, retrain_epochs=epochs, retrain_lr=1e-3,
+                         admm_opt_func=partial(SGD, mom=0.9), update_every=max(1, len(learn.dls.train) // 4), **ADMM_PHASE)
+    after = sparsity_report(learn.model)
+    pruned_test = evaluate(learn, "test")
+    out(format_sparsity(before, after))
+    out(f"accuracy on the {len(learn.dls.test.dataset):,} test images: baseline {test_acc:.2%}, pruned {pruned_test:.2%}\n"
+        f"(validation: right after hard pruning {res.valid_acc_pruned:.2%}, after masked retraining {res.valid_acc:.2%};\n "
+        f"the zeros shrink what must be stored, not the time of the dense forward pass)")
+    return dict(nonzero_before=int(before.nonzero.iloc[-1]), nonzero=int(after.nonzero.iloc[-1]),
+                compression=float(after.compression.iloc[-1]), pruned_test_acc=pruned_test,
+                valid_acc_pruned=res.valid_acc_pruned, pruned_valid_acc=res.valid_acc)
+
 def run_demo(epochs: int = 4, # epochs of one-cycle training
-             method: str = "fcp", # 'fcp' (correlate, fold and drop filter pairs in rounds) or 'l1' (one shot)
-             finetune_epochs: int = 2, # epochs of one-cycle fine-tuning after pruning
+             method: str = "fcp", # 'fcp' (correlate, fold and drop filter pairs in rounds), 'l1' (one shot) or 'admm' (weights)
+             finetune_epochs: int = 2, # epochs of one-cycle fine-tuning after pruning ('admm': of ADMM, and again of retraining)
              seed: int = 0, # seed of the weights and the batch order
              n_per_class: int | None = None, # training images per class (at most 600; `None`: all)
              out=print, # where to write the report
             ) -> dict:
     "Train (or reload) LeNet-5 on the shipped MNIST subset, report its costs, prune it and report before/after"
+    if method not in METHODS: raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
     set_threads(); set_seed(seed)
     t0 = time.perf_counter()
     out(f"LeNet-5 (Caffe 20-50-500-10) on the MNIST subset shipped with corrprune_edu, {epochs} epochs, seed {seed}")
@@ -48,28 +98,24 @@ def run_demo(epochs: int = 4, # epochs of one-cycle training
     out(f"data: {n_train:,} train / {n_valid:,} valid / {n_test:,} test images")
     costs = layer_costs(learn.model, (1, 28, 28))
     out("\nPer-layer cost (per image; FLOPs = 2 x MACs):\n" + format_costs(costs))
-    base = learn.model
     valid, test = evaluate(learn, "valid"), evaluate(learn, "test")
     out(f"\nbaseline accuracy: valid {100*valid:.2f}%  test {100*test:.2f}%")
-    how = (f"FCP (correlate-then-drop filter pairs, to {int(100*DEMO_TARGET)}% fewer MACs)" if method == "fcp" else
-           f"L1 norm ({', '.join(f'{int(100*v)}% of {k}' for k, v in L1_AMOUNT.items())})")
-    out(f"\nPruning with {how}, then {finetune_epochs} epochs of fine-tuning")
     set_seed(seed)                      # the same pruning run whether the baseline was just trained or loaded from the cache
-    pruned = _prune(learn, method, finetune_epochs)
-    table = compare_models({"baseline": base, f"pruned ({method})": pruned}, (1, 28, 28), learn.dls.test, batch_size=64)
-    out(format_comparison(table) + f"\n(accuracy on the {n_test:,} test images; ms: median CPU forward time, 2 threads)")
+    report = dict(valid_acc=valid, test_acc=test, macs=int(costs.macs.sum()), params=int(costs.params.sum()))
+    report.update(_admm_demo(learn, finetune_epochs, test, out) if method == "admm" else _filter_demo(learn, method, finetune_epochs, out))
     out(f"\ntotal time {time.perf_counter() - t0:.1f}s")
-    return dict(valid_acc=valid, test_acc=test, macs=int(costs.macs.sum()), params=int(costs.params.sum()),
-                pruned_test_acc=float(table.accuracy[1]), macs_reduction=float(table.macs_reduction[1]))
+    return report
 
 # %% ../nbs/api/99_demo.ipynb #4fef18a1
 def main(argv=None):
     "Command-line entry point of `corrprune-demo`"
-    ap = argparse.ArgumentParser(prog="corrprune-demo", description="Train LeNet-5 on the shipped MNIST subset and report its costs.")
+    ap = argparse.ArgumentParser(prog="corrprune-demo", description="Train LeNet-5 on the shipped MNIST subset, prune it and report before and after.")
     ap.add_argument("--epochs", type=int, default=4, help="training epochs (default 4)")
-    ap.add_argument("--method", choices=["fcp", "l1"], default="fcp", help="pruning method (default fcp)")
+    ap.add_argument("--method", choices=METHODS, default="fcp", help="pruning method: filters (fcp, l1) or weights (admm); default fcp")
     ap.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs after pruning (default 2)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    ap.add_argument("--n-per-class", type=int, default=None, help="training images per class, at most 600 (default: all)")
     args = ap.parse_args(argv)
-    report = run_demo(epochs=args.epochs, method=args.method, finetune_epochs=args.finetune_epochs, seed=args.seed)
+    report = run_demo(epochs=args.epochs, method=args.method, finetune_epochs=args.finetune_epochs, seed=args.seed,
+                      n_per_class=args.n_per_class)
     return 0 if report["test_acc"] > 0 else 1

@@ -9,7 +9,7 @@ Docs: https://corrprune-edu.github.io/corrprune_edu/api/distributed.html.md"""
 
 # %% ../nbs/api/06d_distributed.ipynb #aa885621
 from __future__ import annotations
-import numbers, random
+import hashlib, numbers, random
 from contextlib import contextmanager
 
 import torch
@@ -30,7 +30,8 @@ from .checkpoint import prune_learner
 # %% auto #0
 __all__ = ['is_distributed', 'rank', 'world_size', 'is_main_process', 'collective_device', 'all_reduce_sum', 'broadcast_object',
            'gather_objects', 'check_agreement', 'on_main_process', 'shared_seed', 'unwrap_model', 'own_samples',
-           'accuracy_counts', 'distributed_accuracy', 'unwrapped', 'prune_learner_distributed']
+           'batches_per_process', 'accuracy_counts', 'distributed_accuracy', 'unwrapped', 'prune_learner_distributed',
+           'weights_checksum']
 
 # %% ../nbs/api/06d_distributed.ipynb #f9d02be2
 def is_distributed() -> bool:
@@ -151,6 +152,12 @@ def own_samples(dl, # a `DistributedDL` that has started iterating (or any other
     per_rank = dl.n_padded // dl.world_size
     return min(max(dl.n - dl.rank * per_rank, 0), per_rank)
 
+def batches_per_process(dl, # a fastai `DataLoader` (e.g. `learn.dls.train`), sharded already or not yet
+                       ) -> int:
+    "Batches each process runs in one epoch of `dl`: `len(dl)` on one process, its share (rounded up) once sharded over N"
+    if isinstance(dl, DistributedDL): return len(dl)
+    return -(-len(dl) // world_size())
+
 def accuracy_counts(model: nn.Module, # the classifier (a DDP wrapper is looked through)
                     dl, # a fastai `DataLoader`; sharded over the processes if it is not a `DistributedDL` already
                    ) -> tuple[int, int]:
@@ -227,3 +234,12 @@ def prune_learner_distributed(learn, # a fastai `Learner`, inside `learn.distrib
     if not isinstance(plan, dict): raise PruningError(f"a plan must be a dict of layer name -> channel indices, got {type(plan).__name__}")
     check_agreement({str(k): sorted(int(i) for i in v) for k, v in plan.items()}, "the pruning plan")
     with unwrapped(learn): return prune_learner(learn, plan, example_input, exclude)
+
+# %% ../nbs/api/06d_distributed.ipynb #f1e19967
+def weights_checksum(model: nn.Module, # a network (a DDP wrapper is looked through)
+                    ) -> str:
+    "A short hash of every parameter's bytes: print it on every process to see that their networks are equal"
+    net = unwrap_model(model)
+    digest = hashlib.sha1()
+    for p in net.parameters(): digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]

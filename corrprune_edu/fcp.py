@@ -27,8 +27,9 @@ from .flops import CostModel, count_macs, count_params, eval_mode
 from .pairs import DROP_RULES, FilterPair, default_pairs_per_layer, plan_from_pairs, select_pairs
 from .channels import ChannelAnalysis, ChannelGroup, analyze_channels
 from .surgery import copy_model, merge_channels
-from .checkpoint import Checkpoint, in_lr_find, learner_example, named_optimizer_state, prune_learner, swap_model
-from .train import accuracy_on, quiet
+from .checkpoint import Checkpoint, in_lr_find, learner_example, named_optimizer_state, swap_model
+from .distributed import batches_per_process, broadcast_object, distributed_accuracy, prune_learner_distributed, unwrap_model, unwrapped
+from .train import quiet
 
 # %% auto #0
 __all__ = ['FORMS', 'pair_correlations', 'correlation_penalty', 'fit_channel_maps', 'fold_pairs', 'FCP', 'FCPCallback', 'fcp',
@@ -160,14 +161,14 @@ class FCP:
 def start(self: FCP, learn, # the fastai `Learner` being fitted
          ) -> None:
     "Before a fit: on the first one, check the model, work on a copy and measure the baseline once; on every fit, open a round"
-    n_batches = len(learn.dls.train)
+    n_batches = batches_per_process(learn.dls.train)            # an epoch of this process
     self.c_iters, self.f_iters = self.correlate_iters or n_batches, self.finetune_iters or n_batches
     if self.best is None:
         check_finite(learn.model, "FCP")
         self.example = learner_example(learn)
         self.shape = tuple(self.example.shape[1:])
         self.base_macs, self.base_params = count_macs(learn.model, self.shape), count_params(learn.model)
-        self.base_acc = accuracy_on(learn.model, learn.dls.valid)
+        self.base_acc = distributed_accuracy(learn.model, learn.dls.valid)
         self.begin_round(learn)                                  # bad settings (e.g. `groups`) fail here, before learn changes
         self.original = learn.model
         swap_model(learn, copy_model(learn.model), named_optimizer_state(learn))   # the caller's model stays as it was
@@ -263,15 +264,15 @@ def drop(self: FCP, learn, # the fastai `Learner`
         ) -> None:
     "Drop one filter of every pair (folded into its partner first, if `fold`), measuring accuracy before and after"
     with torch.no_grad(): self.rho_after = pair_correlations(learn.model, self.analysis, self.pairs, self.centred).abs().mean().item()
-    self.acc_before_drop = accuracy_on(learn.model, learn.dls.valid)
+    self.acc_before_drop = distributed_accuracy(learn.model, learn.dls.valid)
     if self.keep_correlated: self.correlated.append(copy_model(learn.model))
     try:
         if self.fold: fold_pairs(learn.model, self.analysis, self.pairs, x)
-        prune_learner(learn, plan_from_pairs(self.pairs), self.example)
+        prune_learner_distributed(learn, plan_from_pairs(self.pairs), self.example)   # every process holds this plan, or it stops
     except BaseException:
         self.best.restore(learn); self.phase = "idle"     # a fold without its cut is a different model: undo both
         raise
-    self.acc_after_drop = accuracy_on(learn.model, learn.dls.valid)
+    self.acc_after_drop = distributed_accuracy(learn.model, learn.dls.valid)
     self.recorded.append(list(self.pairs))
     self.phase, self.iters = "finetune", 0
 
@@ -280,7 +281,7 @@ def end_round(self: FCP, learn, # the fastai `Learner`
               note: str = "", # added to the logged status (e.g. 'fit ended')
              ) -> bool:
     "Measure and log the round, then accept it (a new checkpoint) or roll back to the best one and stop; True if accepted"
-    acc = accuracy_on(learn.model, learn.dls.valid)
+    acc = distributed_accuracy(learn.model, learn.dls.valid)
     ok = self.tolerance is None or acc >= self.base_acc - self.tolerance
     macs, params = count_macs(learn.model, self.shape), count_params(learn.model)
     status = ("accepted" if ok else "rolled back") + (f" ({note})" if note else "")
@@ -304,7 +305,7 @@ def step(self: FCP, learn, # the fastai `Learner`, after a training batch
     "Count a training batch; at the end of a phase, drop the episode, or close the round and open the next"
     if self.phase == "idle": return
     self.iters += 1
-    if self.phase == "correlate" and self.iters >= self.c_iters: self.drop(learn, learn.xb[0])
+    if self.phase == "correlate" and self.iters >= self.c_iters: self.drop(learn, broadcast_object(learn.xb[0]))   # rank 0's batch: every process folds alike
     elif self.phase == "finetune" and self.iters >= self.f_iters:
         self.end_round(learn)
         if not self.done: self.begin_round(learn)
@@ -335,18 +336,19 @@ class FCPCallback(Callback):
 
     def before_fit(self):
         if in_lr_find(self.learn): self.run = False; return
-        self.fcp.start(self.learn)
+        with unwrapped(self.learn): self.fcp.start(self.learn)    # surgery and rollbacks see the bare network
         if self.stop_fit and self.fcp.done: raise CancelFitException()
 
     def after_loss(self):
-        pen = self.fcp.penalty(self.learn.model)
+        pen = self.fcp.penalty(unwrap_model(self.learn.model))
         if pen is not None: self.learn.loss_grad = self.learn.loss_grad + pen
 
     def after_batch(self):
-        self.fcp.step(self.learn)
+        with unwrapped(self.learn): self.fcp.step(self.learn)     # a new DDP after a cut or a rollback
         if self.stop_fit and self.fcp.done: raise CancelFitException()
 
-    def after_fit(self): self.fcp.finish(self.learn)
+    def after_fit(self):
+        with unwrapped(self.learn): self.fcp.finish(self.learn)
 
 # %% ../nbs/api/11_fcp.ipynb #d5eb99a0
 @delegates(FCP)
@@ -381,16 +383,18 @@ def plot_fcp(logs: dict, # label -> FCP log (DataFrame), e.g. {"FCP": log, "naiv
             ):
     "Validation accuracy right after each drop and after fine-tuning, against the MACs reduction; returns the figure"
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for label, log in logs.items():
         x = 100 * log.macs_reduction
         axes[0].plot(log["round"], 100 * log.acc_after_drop, "o-", label=f"{label}: right after the drop")
         axes[0].plot(log["round"], 100 * log.acc_after_finetune, "s--", label=f"{label}: after fine-tuning")
         axes[1].plot(x, 100 * log.acc_after_finetune, "o-", label=label)
-    axes[0].set_xlabel("round"); axes[0].set_ylabel("validation accuracy (%)"); axes[0].legend(fontsize=7)
-    axes[1].set_xlabel("MACs removed (%)"); axes[1].set_ylabel("validation accuracy after fine-tuning (%)"); axes[1].legend(fontsize=8)
     for ax in axes:
-        if base_acc is not None: ax.axhline(100 * base_acc, color="grey", lw=0.8, ls=":")
+        if base_acc is not None: ax.axhline(100 * base_acc, color="grey", lw=0.8, ls=":", label="baseline")
         ax.grid(alpha=0.3)
+    axes[0].set_xlabel("round"); axes[0].set_ylabel("validation accuracy (%)"); axes[0].legend(fontsize=7)
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))            # rounds are whole numbers
+    axes[1].set_xlabel("MACs removed (%)"); axes[1].set_ylabel("validation accuracy after fine-tuning (%)"); axes[1].legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -26,8 +26,8 @@ from .core import check_finite, check_int, check_number, describe_counts, stable
 from .criteria import l1_scores, select_groups
 from .flops import count_macs, count_params
 from .channels import ChannelAnalysis, ChannelGroup, analyze_channels
-from .checkpoint import Checkpoint, in_lr_find, learner_example, prune_learner
-from .train import accuracy_on
+from .checkpoint import Checkpoint, in_lr_find, learner_example
+from .distributed import batches_per_process, distributed_accuracy, prune_learner_distributed, unwrapped
 
 # %% auto #0
 __all__ = ['OUTCOMES', 'filter_scores', 'select_candidates', 'channel_params', 'penalty_terms', 'bind_terms', 'l1_norm',
@@ -262,7 +262,7 @@ def start(self: PlayAndPrune, learn: Learner, # the fastai `Learner`, as its fir
     self._analyse(learn)                                  # nothing to prune is an error too, before any work
     self.t0, self.batches, self.iter, self.in_phase, self.tail = time.perf_counter(), 0, 0, 0, 0
     self.input_shape = tuple(learner_example(learn).shape[1:])
-    self.n_phase = self.phase_batches or len(learn.dls.train)
+    self.n_phase = self.phase_batches or batches_per_process(learn.dls.train)
     if self.baseline_acc is None: self.baseline_acc = _acc(learn)
     Checkpoint(learn).restore(learn)                      # work on a copy: the caller's network is never touched
     self._measure(learn)
@@ -284,7 +284,7 @@ def resume(self: PlayAndPrune, learn: Learner, # the fastai `Learner`, as a late
     if self._counts() != self.history[-1]["filters"]:
         raise ValueError(f"PlayAndPrune: learn.model has filters {self._counts()}, not the {self.history[-1]['filters']} this run left "
                          "in it; continue a run on the model it left, or start a new PlayAndPruneCallback")
-    self.n_phase, self.in_phase = self.phase_batches or len(learn.dls.train), 0
+    self.n_phase, self.in_phase = self.phase_batches or batches_per_process(learn.dls.train), 0
     self.best = Checkpoint(learn, **self._extra())        # e.g. fine_tune's unfrozen stage: its hypers and frozen state
     self._warn_frozen(learn)
     self._next_candidates(learn)
@@ -320,8 +320,8 @@ def _counts(self: PlayAndPrune) -> dict:
     return {g.name: g.n_channels for g in self.groups}
 
 def _acc(learn: Learner) -> float:
-    "Validation accuracy of `learn.model` (the controller never looks at the test split)"
-    with torch.no_grad(): return accuracy_on(learn.model, learn.dls.valid)
+    "Validation accuracy of `learn.model` over the whole split, summed over the processes (the controller never looks at the test split)"
+    return distributed_accuracy(learn.model, learn.dls.valid)
 
 def _finite(model: nn.Module) -> bool:
     "True if every parameter of `model` is finite (a model that diverged to NaN or inf is dead)"
@@ -407,7 +407,7 @@ def _negligible(self: PlayAndPrune, model: nn.Module) -> dict:
 def _remove(self: PlayAndPrune, learn: Learner, plan: dict) -> int:
     "Surgery inside the learner; keeps `ids` in step"
     if not plan: return 0
-    prune_learner(learn, plan, learner_example(learn))
+    prune_learner_distributed(learn, plan, learner_example(learn))   # every process holds this plan, or it stops
     for g, idx in plan.items():
         drop = set(idx); self.ids[g] = [c for i, c in enumerate(self.ids[g]) if i not in drop]
     self._analyse(learn)
@@ -561,8 +561,10 @@ class PlayAndPruneCallback(Callback):
         if in_lr_find(self.learn): self.run = False; return      # fastai's idiom: sit this fit out
         if self.loop.done:
             if self.stop_fit: raise CancelFitException()
-        elif self.loop.started: self.loop.resume(self.learn)
-        else: self.loop.start(self.learn)
+        else:
+            with unwrapped(self.learn):                             # checkpoints and rollbacks see the bare network
+                if self.loop.started: self.loop.resume(self.learn)
+                else: self.loop.start(self.learn)
         self._watch_batches()
 
     def after_loss(self):
@@ -573,11 +575,12 @@ class PlayAndPruneCallback(Callback):
     def after_step(self): self.loop.stop_at_zero()
 
     def after_batch(self):
-        if not self.loop.count_batch(self.learn) and self.stop_fit: raise CancelFitException()
+        with unwrapped(self.learn): going = self.loop.count_batch(self.learn)   # a new DDP after a cut or a rollback
+        if not going and self.stop_fit: raise CancelFitException()
 
     def after_fit(self):
         self._unwatch_batches()
-        self.loop.end_fit(self.learn)
+        with unwrapped(self.learn): self.loop.end_fit(self.learn)
 
 # %% ../nbs/api/13_play_and_prune.ipynb #823f2601
 @patch
@@ -669,6 +672,7 @@ def plot_play_and_prune(run, # a `PlayAndPrune` run, or its `frame()`
                        ):
     "Accuracy vs floor, λ_t and W_t, filters per layer and MACs per iteration; returns the figure"
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     h = run.frame() if hasattr(run, "frame") else run
     if upto is not None: h = h.iloc[:upto + 1]
     base_acc = h.acc.iloc[0]
@@ -694,7 +698,8 @@ def plot_play_and_prune(run, # a `PlayAndPrune` run, or its `frame()`
     ax.plot(h.t, 100 * h.macs / h.macs.iloc[0], "-", color="tab:brown", label="MACs")
     ax.plot(h.t, 100 * h.params / h.params.iloc[0], "--", color="tab:grey", label="parameters")
     ax.set_ylabel("% of baseline"); ax.set_ylim(0, 105); ax.legend(fontsize=7); ax.set_title("cost left", fontsize=9)
-    for ax in axes: ax.set_xlabel("iteration t"); ax.grid(alpha=0.3)
+    axes[2].yaxis.set_major_locator(MaxNLocator(integer=True))          # whole filters
+    for ax in axes: ax.set_xlabel("iteration t"); ax.grid(alpha=0.3); ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title: fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -264,7 +264,7 @@ def plot_widths(models: dict, # label -> model, e.g. {"before": net, "after": pr
     for i, (label, c) in enumerate(counts.items()):
         ax.bar(np.arange(len(names)) + i*w - 0.4 + w/2, [c.get(n, 0) for n in names], w, label=label)
     ax.set_xticks(range(len(names))); ax.set_xticklabels(names, rotation=75, fontsize=7)
-    ax.set_ylabel("output channels"); ax.legend(); ax.grid(axis="y", alpha=0.3)
+    ax.set_xlabel("layer"); ax.set_ylabel("output channels"); ax.legend(); ax.grid(axis="y", alpha=0.3)
     if title: ax.set_title(title)
     fig.tight_layout()
     return fig

@@ -36,7 +36,7 @@ def plot_layer_costs(costs: pd.DataFrame, # as returned by `corrprune_edu.flops.
             if v >= 5: ax.text(v, yi, f" {v:.0f}%", va="center", fontsize=8)
     step = max(1, math.ceil(n / max_layers))
     axes[0].set_yticks(y[::step]); axes[0].set_yticklabels(costs.layer.iloc[::step], fontsize=8)
-    axes[0].invert_yaxis()
+    axes[0].set_ylabel("layer"); axes[0].invert_yaxis()
     if title: fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -1,10 +1,14 @@
 """One process of the multi-process runs in `test_distributed.py` (not a test module: pytest does not collect it).
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py l1 OUT_DIR
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py fcp,cop,pp OUT_DIR
 
-Trains LeNet-5 (8-16-32) on a small MNIST subset inside `learn.distrib_ctx(cpu=True)` (gloo), prunes once in the
-middle of `fit` with a scenario's callback, and writes what the test checks to OUT_DIR/rank<r>.pt. `--fail exit` or
-`--fail hang` makes rank 1 exit or hang at the moment of the cut, to check that the other rank fails, not hangs.
+Trains LeNet-5 (8-16-32) on a small MNIST subset inside `learn.distrib_ctx(cpu=True)` (gloo) and prunes in the
+middle of `fit` with a scenario's callback: `l1` cuts once with an L1 plan; `fcp`, `cop` and `pp` run the package's
+own callbacks (FCPCallback, COPCallback, PlayAndPruneCallback; `pp_rollback` sets a floor no network reaches, so
+every cut is rolled back) on a briefly pre-trained network, one after the other in the same processes. It writes what the test checks to OUT_DIR/<scenario>_rank<r>.pt. `--fail exit` or
+`--fail hang` makes rank 1 exit or hang at the moment of the L1 cut (or right before FCP's first drop), to check that
+the other rank fails, not hangs.
 """
 import argparse, os, sys, time
 from datetime import timedelta
@@ -15,6 +19,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from fastai.callback.core import Callback
 
 from corrprune_edu.core import set_seed, filter_counts
+from corrprune_edu.cop import COPCallback
 from corrprune_edu.criteria import l1_plan
 from corrprune_edu.data import ArrayDataset, embedded_mnist_dls
 from corrprune_edu.distributed import (accuracy_counts, all_reduce_sum, broadcast_object, check_agreement,
@@ -23,8 +28,11 @@ from corrprune_edu.distributed import (accuracy_counts, all_reduce_sum, broadcas
 from corrprune_edu.channels import PruningError
 from corrprune_edu.flops import eval_mode
 from corrprune_edu.models import lenet5
-from corrprune_edu.checkpoint import learner_example
-from corrprune_edu.surgery import mask_channels
+from corrprune_edu.checkpoint import learner_example, pruning_record
+from corrprune_edu.fcp import FCPCallback, fold_pairs
+from corrprune_edu.channels import analyze_channels
+from corrprune_edu.play_and_prune import AFP, GapController, PlayAndPruneCallback
+from corrprune_edu.surgery import copy_model, mask_channels
 from corrprune_edu.train import make_learner, quiet
 
 WIDTHS = (8, 16, 32)
@@ -51,10 +59,7 @@ class CutWithL1(Callback):
     def before_batch(self):
         if self.ev or not self.training or self.pct_train < self.at: return
         ev = self.ev
-        if self.fail and rank() == 1:
-            print(f"rank 1: simulating a failure ({self.fail}) at the cut", flush=True)
-            if self.fail == "exit": os._exit(3)
-            time.sleep(3600)
+        if self.fail and rank() == 1: simulate_failure(self.fail)
         x = learner_example(self.learn)
         bare = unwrap_model(self.learn.model)
         ev.update(wrapper=type(self.learn.model).__name__, labels=self.learn.yb[0].tolist(), iter=self.iter,
@@ -72,7 +77,108 @@ class CutWithL1(Callback):
                   own_counts=accuracy_counts(self.learn.model, self.dls.valid))
 
 
-SCENARIOS = {"l1": lambda fail: CutWithL1(fail=fail)}
+def simulate_failure(how: str):
+    "Rank 1 exits (status 3) or hangs; the other rank must notice by itself"
+    print(f"rank 1: simulating a failure ({how})", flush=True)
+    if how == "exit": os._exit(3)
+    time.sleep(3600)
+
+
+class FailBeforeDrop(Callback):
+    "On rank 1, fail at the batch after which FCP drops its first episode (runs just before FCPCallback)"
+    order = FCPCallback.order - 1
+    def __init__(self, fcp_cb, how): self.fcp_cb, self.how = fcp_cb, how
+    def after_batch(self):
+        run = self.fcp_cb.fcp
+        if rank() == 1 and run.phase == "correlate" and run.iters + 1 >= run.c_iters: simulate_failure(self.how)
+
+
+def record(model) -> dict:
+    "What rebuilds a network in the test: its weights and its pruning history (replayed on `lenet5(widths=WIDTHS)`)"
+    net = unwrap_model(model)
+    return dict(state={k: v.detach().clone() for k, v in net.state_dict().items()}, history=pruning_record(net)["history"])
+
+
+def plain(o):
+    "Numbers, strings, lists and dicts only (numpy scalars become Python numbers), so that `weights_only` loading reads it"
+    if isinstance(o, dict): return {str(k): plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return [plain(v) for v in o]
+    return o.item() if hasattr(o, "item") and not isinstance(o, torch.Tensor) else o
+
+
+def method_log(cb) -> list:
+    "The method's own record of its decisions, without wall-clock times (which differ between processes)"
+    if isinstance(cb, FCPCallback): rows = cb.fcp.log
+    elif isinstance(cb, PlayAndPruneCallback): rows = cb.loop.history
+    else: rows = [] if cb.selection is None else cb.selection.to_dict("records") + [cb.summary]
+    return plain([{k: v for k, v in r.items() if k != "seconds"} for r in rows])
+
+
+def baseline_acc(cb):
+    "The accuracy the method measured before pruning, as it holds it"
+    return cb.fcp.base_acc if isinstance(cb, FCPCallback) else cb.loop.baseline_acc if isinstance(cb, PlayAndPruneCallback) else None
+
+
+class WatchBefore(Callback):
+    "Runs first at every event: the network as the method callback is about to see it"
+    order = -20
+    def __init__(self, method): self.method, self.pre = method, None
+    def before_fit(self): self.initial = record(self.learn.model)
+    def _look(self):
+        self.pre = dict(record(self.learn.model), net=copy_model(unwrap_model(self.learn.model)), wrapper=self.learn.model,
+                        params=[id(p) for p in unwrap_model(self.learn.model).parameters()], x=learner_example(self.learn))
+        if isinstance(self.method, FCPCallback): self.pre["fold_x"] = broadcast_object(self.learn.xb[0])   # the batch FCP folds with
+    def before_batch(self):
+        if self.training: self._look()
+    def after_batch(self):
+        if self.training: self._look()
+
+
+class WatchAfter(Callback):
+    "Runs last at every event: what the method callback changed (a cut, a rollback) and the accuracies it logged"
+    order = 200
+    def __init__(self, before): self.before, self.cuts, self.checked, self.last_change, self.n_log = before, [], [], None, 0
+    def _look(self):
+        pre, net = self.before.pre, unwrap_model(self.learn.model)
+        history = getattr(net, "pruning_history", [])
+        changed = [id(p) for p in net.parameters()] != pre["params"]
+        if changed: self.last_change = record(net)
+        measured_on = {k: pre[k] for k in ("state", "history")}             # what the method measured this batch
+        if changed and len(history) == len(pre["history"]) + 1:            # a cut (an accepted or a rejected one)
+            x, plan = pre["x"], history[-1]["plan"]
+            base = pre["net"]
+            cb = self.before.method
+            if isinstance(cb, FCPCallback) and cb.fcp.fold:                  # FCP folds before it cuts: mask the folded network
+                fold_pairs(base, analyze_channels(base, x), cb.fcp.recorded[-1], pre["fold_x"])
+            with eval_mode(base): masked = mask_channels(base, plan, x)(x)
+            with eval_mode(net): pruned = net(x)
+            w, after = self.learn.model, record(net)
+            self.cuts.append(dict(iter=self.train_iter, plan=plan, before=measured_on, after=after, masked_out=masked, pruned_out=pruned,
+                                  rewrapped=type(w).__name__ == "DistributedDataParallel" and w is not pre["wrapper"] and w.module is net))
+            measured_on = after                                               # P&P measures the network right after its cut
+        if isinstance(self.before.method, COPCallback): return            # COP logs no accuracy
+        log = method_log(self.before.method)
+        for row in log[self.n_log:]: self.checked.append(dict(row=row, model=measured_on))
+        self.n_log = len(log)
+    def before_batch(self):                                                   # COP cuts here
+        if self.training: self._look()
+    def after_batch(self):                                                    # FCP and Play and Prune cut here
+        if self.training: self._look()
+
+
+SCENARIOS = {"l1": lambda fail: CutWithL1(fail=fail),
+             # two rounds of 3 + 3 batches, then 16 batches that fine-tune the final network
+             "fcp": lambda fail: FCPCallback(macs_reduction=0.6, tolerance=0.2, n_pairs=2, correlate_iters=3, finetune_iters=3,
+                                             max_rounds=2),
+             # one cut of half the conv filters, before batch 14 of 28
+             "cop": lambda fail: COPCallback(amount=0.5, at=0.5),
+             # four phases of 4 batches, then 12 batches that fine-tune the final network
+             "pp": lambda fail: PlayAndPruneCallback(tolerance=0.05, controller=GapController(lam=1.0, W=0.9, lam_max=1.0),
+                                                     afp=AFP(max_frac=0.3, negligible=0.9), phase_batches=4, max_iters=4),
+             # a floor no network reaches (baseline 100%): every cut is rolled back at once, then 16 batches fine-tune
+             "pp_rollback": lambda fail: PlayAndPruneCallback(tolerance=0.001, baseline_acc=1.0, recovery_phases=0,
+                                                              controller=GapController(lam=1.0, W=0.9, lam_max=1.0),
+                                                              afp=AFP(max_frac=0.3, negligible=0.9), phase_batches=4, max_iters=3)}
 
 
 def primitives() -> dict:
@@ -96,29 +202,49 @@ def opt_state(learn) -> dict:
             for p, s in learn.opt.state.items() if id(p) in names}
 
 
+def run(scenario: str, args) -> dict:
+    "One scenario's fit inside `learn.distrib_ctx()`; what this process holds at the end"
+    set_seed(0)
+    learn = make_learner(lenet5(widths=WIDTHS), small_dls())
+    cb = SCENARIOS[scenario](args.fail)
+    cbs = [cb]
+    if args.fail and scenario == "fcp": cbs.append(FailBeforeDrop(cb, args.fail))
+    if scenario != "l1": watch = WatchBefore(cb); after = WatchAfter(watch); cbs += [watch, after]
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=args.timeout))
+    with learn.distrib_ctx(cpu=True, sync_bn=False, kwargs_handlers=[timeout]):
+        with quiet(learn):
+            if scenario != "l1": learn.fit(1, 3e-3)          # the package's methods start from a (briefly) trained network
+            t0 = time.perf_counter()
+            learn.fit(args.epochs, 3e-3, cbs=cbs)
+            seconds = time.perf_counter() - t0
+            if scenario != "l1": on_main_process(learn.save, args.out/f"{scenario}_model")   # pruning-aware; rank 0 writes, the others wait
+    out = dict(rank=rank(), world_size=world_size(), seconds=seconds, state=snapshot(learn.model),
+               history=getattr(learn.model, "pruning_history", []), counts=filter_counts(learn.model), opt=opt_state(learn),
+               recorder=[[float(v) for v in row] for row in learn.recorder.values])
+    if scenario == "l1": out["evidence"] = cb.ev
+    else:
+        out.update(log=method_log(cb), base_acc=baseline_acc(cb), initial=watch.initial, cuts=after.cuts, checked=after.checked,
+                   last_change=after.last_change, final=record(learn.model))
+    print(f"rank {rank()} of {world_size()}: {scenario} done in {seconds:.1f}s, filters {filter_counts(learn.model)}", flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("scenario", choices=sorted(SCENARIOS))
+    ap.add_argument("scenarios", help=f"comma-separated, from {sorted(SCENARIOS)}")
     ap.add_argument("out", type=Path)
     ap.add_argument("--fail", choices=["exit", "hang"])
     ap.add_argument("--timeout", type=float, default=60, help="seconds a collective waits for the other processes")
     ap.add_argument("--epochs", type=int, default=2)
     args = ap.parse_args()
+    scenarios = args.scenarios.split(",")
+    if set(scenarios) - set(SCENARIOS): ap.error(f"unknown scenario(s) {sorted(set(scenarios) - set(SCENARIOS))}")
+    if args.fail and scenarios not in (["l1"], ["fcp"]): ap.error("--fail is for the l1 or the fcp scenario alone")
     torch.set_num_threads(1)
-    set_seed(0)
-    learn = make_learner(lenet5(widths=WIDTHS), small_dls())
-    cb = SCENARIOS[args.scenario](args.fail)
-    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=args.timeout))
-    t0 = time.perf_counter()
-    with learn.distrib_ctx(cpu=True, sync_bn=False, kwargs_handlers=[timeout]):
-        with quiet(learn): learn.fit(args.epochs, 3e-3, cbs=cb)
-    seconds = time.perf_counter() - t0
-    record = dict(primitives=primitives(), rank=rank(), world_size=world_size(), seconds=seconds, state=snapshot(learn.model),
-                  history=learn.model.pruning_history, counts=filter_counts(learn.model), opt=opt_state(learn),
-                  recorder=[[float(v) for v in row] for row in learn.recorder.values], evidence=cb.ev)
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.save(record, args.out/f"rank{rank()}.pt")
-    print(f"rank {rank()} of {world_size()}: done in {seconds:.1f}s, filters {filter_counts(learn.model)}", flush=True)
+    results = {s: run(s, args) for s in scenarios}
+    results[scenarios[0]]["primitives"] = primitives()
+    for s, record_ in results.items(): torch.save(record_, args.out/f"{s}_rank{rank()}.pt")
 
 
 if __name__ == "__main__":

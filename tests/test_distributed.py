@@ -1,8 +1,11 @@
 """Pruning inside fastai's distributed training, with real processes: torchrun, gloo on CPU, 2 ranks.
 
-Each run launches `distributed_worker.py` on two processes, bounded by a timeout (the whole process group is killed
-if it is exceeded), and checks what the ranks wrote: they end bitwise equal, the cut is exact, training after the
-cut moves every remaining weight, and the accuracy a decision sees is that of the whole validation split.
+One torchrun launch of `distributed_worker.py` on two processes runs four scenarios one after the other (an L1 cut
+made by hand, then the package's FCPCallback, COPCallback and PlayAndPruneCallback), bounded by a timeout (the whole
+process group is killed if it is exceeded). The tests check what the ranks wrote: they end bitwise equal (weights,
+pruning history, optimiser state, the method's own log), every cut is exact and re-wrapped in a new DDP, training
+after the last cut or rollback moves every remaining weight, and the accuracy every decision saw is that of the
+whole validation split (not a rank's shard). Further launches by hand check that a failed rank fails the other.
 """
 import os, re, signal, socket, subprocess, sys, time
 from pathlib import Path
@@ -11,10 +14,12 @@ import pytest
 import torch
 
 from distributed_worker import WIDTHS, N_VALID, small_dls
+from corrprune_edu.checkpoint import replay_pruning
+from corrprune_edu.cop import COP, plan_from_selection
 from corrprune_edu.core import filter_counts
 from corrprune_edu.models import lenet5
 from corrprune_edu.surgery import prune_channels
-from corrprune_edu.train import accuracy_on
+from corrprune_edu.train import accuracy_on, make_learner
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -58,8 +63,8 @@ def by_hand(args, log_dir: Path, nproc=2, timeout=240, kill_rest=False):
     return _finish(procs, logs, timeout, kill_rest)
 
 
-def load_ranks(out, n=2):
-    return [torch.load(out/f"rank{r}.pt", weights_only=True) for r in range(n)]
+def load_ranks(out, scenario, n=2):
+    return [torch.load(out/f"{scenario}_rank{r}.pt", weights_only=True) for r in range(n)]
 
 
 def assert_same(a, b, what):
@@ -75,15 +80,27 @@ def assert_same(a, b, what):
     else: assert a == b, f"{what}: {a!r} != {b!r}"
 
 
+SCENARIOS = ("l1", "fcp", "cop", "pp", "pp_rollback")
+METHODS = ("fcp", "cop", "pp", "pp_rollback")
+PRUNED = ("fcp", "cop", "pp")                                  # pp_rollback ends with the unpruned network
+
+
 @pytest.fixture(scope="module")
-def l1_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("l1")
+def runs(tmp_path_factory):
+    "Every scenario, in one 2-process torchrun launch: {scenario: [rank 0's record, rank 1's record]}"
+    out = tmp_path_factory.mktemp("runs")
     t0 = time.perf_counter()
-    rc, log = torchrun(["l1", str(out)], out)
+    rc, log = torchrun([",".join(SCENARIOS), str(out)], out)
     assert rc == 0, f"torchrun failed (exit {rc}):\n{log[-5000:]}"
-    ranks = load_ranks(out)
-    print(f"\n2-process L1 run: {time.perf_counter() - t0:.1f}s wall with start-up, fit {ranks[0]['seconds']:.1f}s")
+    ranks = {s: load_ranks(out, s) for s in SCENARIOS}
+    for s in METHODS: ranks[s][0]["saved"] = out/f"{s}_model"            # learn.save / learn.load add ".pth"
+    fits = ", ".join(f"{s} {ranks[s][0]['seconds']:.1f}s" for s in SCENARIOS)
+    print(f"\n2-process launch of {'/'.join(SCENARIOS)}: {time.perf_counter() - t0:.1f}s wall with start-up; fits: {fits}")
     return ranks
+
+
+@pytest.fixture(scope="module")
+def l1_run(runs): return runs["l1"]
 
 
 def test_l1_ranks_end_bitwise_equal(l1_run):
@@ -124,6 +141,13 @@ def _model(params, plan=None):
     return net
 
 
+def _rebuilt(rec):
+    "The network a worker recorded (weights and pruning history), rebuilt in this process"
+    net = replay_pruning(lenet5(widths=WIDTHS), rec["history"])
+    net.load_state_dict(rec["state"])
+    return net
+
+
 def test_l1_accuracy_is_over_the_whole_split(l1_run):
     valid = small_dls().valid
     assert len(valid.dataset) == N_VALID and N_VALID % 2 == 1
@@ -148,14 +172,104 @@ def test_primitives_on_two_processes(l1_run):
     assert got[1]["main_fails"].startswith("RuntimeError") and "ZeroDivisionError" in got[1]["main_fails"]
 
 
-@pytest.mark.parametrize("fail,message", [("exit", r"Connection (closed|reset) by peer|Broken pipe"),
-                                          ("hang", r"(?i)timed out")], ids=["exit", "hang"])
-def test_a_failed_rank_fails_the_other(tmp_path, fail, message):
-    "Rank 1 exits (or hangs) at the cut; rank 0, with no launcher to stop it, must exit with an error on its own"
+EXITED, HUNG = r"Connection (closed|reset) by peer|Broken pipe", r"(?i)timed out"
+
+@pytest.mark.parametrize("scenario,fail,message", [("l1", "exit", EXITED), ("l1", "hang", HUNG), ("fcp", "exit", EXITED)],
+                         ids=["l1-exit", "l1-hang", "fcp-exit"])
+def test_a_failed_rank_fails_the_other(tmp_path, scenario, fail, message):
+    "Rank 1 exits (or hangs) at the cut (FCP: right before its first drop); rank 0, with no launcher to stop it, must exit with an error on its own"
     t0 = time.perf_counter()
-    rcs, outs = by_hand(["l1", str(tmp_path), "--fail", fail, "--timeout", "10"], tmp_path, timeout=150, kill_rest=True)
+    rcs, outs = by_hand([scenario, str(tmp_path), "--fail", fail, "--timeout", "10"], tmp_path, timeout=150, kill_rest=True)
     assert rcs[0] != 0, f"rank 0 finished although rank 1 {'exited' if fail == 'exit' else 'hung'}:\n{outs[0][-3000:]}"
     assert re.search(message, outs[0]), f"rank 0 failed for another reason:\n{outs[0][-3000:]}"
     assert rcs[1] == (3 if fail == "exit" else -signal.SIGKILL)
-    assert not list(tmp_path.glob("rank*.pt"))
-    print(f"\nrank 1 {fail}: rank 0 failed after {time.perf_counter() - t0:.1f}s")
+    assert not list(tmp_path.glob("*rank*.pt"))
+    print(f"\n{scenario}, rank 1 {fail}: rank 0 failed after {time.perf_counter() - t0:.1f}s")
+
+
+# The package's own callbacks: FCPCallback, COPCallback, PlayAndPruneCallback (ADMM and FDNP are not on this branch)
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_ranks_end_bitwise_equal(runs, method):
+    r0, r1 = runs[method]
+    for key in ("state", "history", "counts", "opt", "recorder", "log", "base_acc", "initial", "checked", "last_change"):
+        assert_same(r0[key], r1[key], f"{method}: {key}")
+    own_batch = ("masked_out", "pruned_out")                   # outputs on each rank's own batch: those differ
+    assert_same(*[[{k: v for k, v in c.items() if k not in own_batch} for c in r["cuts"]] for r in (r0, r1)], f"{method}: cuts")
+
+
+@pytest.mark.parametrize("method", PRUNED)
+def test_method_cuts_are_exact_and_rewrapped(runs, method):
+    for r in runs[method]:
+        cuts, final = r["cuts"], r["final"]
+        assert cuts, f"{method} made no cut in this configuration: the test checks nothing"
+        if method == "cop": assert len(cuts) == 1
+        for c in cuts:
+            assert c["rewrapped"], f"{method}: after the cut at batch {c['iter']} the model must be in a new DDP around the pruned network"
+            torch.testing.assert_close(c["pruned_out"], c["masked_out"], atol=1e-5, rtol=1e-5)
+            assert c["after"]["history"][-1]["plan"] == c["plan"]
+        assert [h["plan"] for h in final["history"]] == [h["plan"] for h in r["history"]] and len(final["history"]) >= 1
+        assert sum(r["counts"].values()) < sum(filter_counts(lenet5(widths=WIDTHS)).values())
+        assert filter_counts(_rebuilt(final)) == r["counts"]
+
+
+@pytest.mark.parametrize("method", PRUNED)       # (pp_rollback discards its fine-tuning too: below the floor it cannot reach)
+def test_method_training_after_the_last_change_moves_every_weight(runs, method):
+    for r in runs[method]:
+        last, end = r["last_change"], r["final"]
+        assert last is not None and last["history"] == end["history"]
+        for name, w in last["state"].items():
+            assert w.shape == end["state"][name].shape
+            assert (w != end["state"][name]).all(), f"{method}, rank {r['rank']}: training did not move all of '{name}' after the last change"
+        assert set(r["opt"]) == {n for n, _ in _rebuilt(end).named_parameters()}, "the optimiser must hold state for every parameter"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_rank0_saves_a_pruned_learner_file(runs, method):
+    "rank 0's `learn.save` (through `on_main_process`) loads into a fresh Learner: same shape, same weights as every rank's"
+    learn = make_learner(lenet5(widths=WIDTHS), small_dls())
+    learn.load(runs[method][0]["saved"])
+    assert filter_counts(learn.model) == runs[method][0]["counts"]
+    assert_same({n: p.detach() for n, p in learn.model.named_parameters()}, runs[method][1]["state"], f"{method}: loaded file")
+
+
+def _accuracy(rec, valid): return accuracy_on(_rebuilt(rec), valid)
+
+
+@pytest.mark.parametrize("method", ["fcp", "pp", "pp_rollback"])
+def test_method_decides_on_whole_split_accuracy(runs, method):
+    "Every accuracy the method decided with is k/45 of the whole split (a rank's shard of 23 or 22 images could not give it)"
+    valid = small_dls().valid
+    r = runs[method][0]
+    if method != "pp_rollback": assert r["base_acc"] == _accuracy(r["initial"], valid)   # (pp_rollback is given its baseline)
+    if method == "fcp":
+        rows = r["log"]
+        assert len(rows) == len(r["cuts"]) == len(r["checked"]) >= 1, "FCP logs one row per round, and each round cut once"
+        for row, cut, seen in zip(rows, r["cuts"], r["checked"]):
+            assert row["acc_before_drop"] == _accuracy(cut["before"], valid)
+            assert row["acc_after_drop"] == _accuracy(cut["after"], valid)
+            assert seen["row"] == row and row["acc_after_finetune"] == _accuracy(seen["model"], valid)
+    else:
+        # a rolled-back cut is measured on a network that is gone before the watcher can see it: check the others
+        measured = [c for c in r["checked"] if c["row"]["outcome"] in ("accepted", "recovering", "recovered")
+                    or c["row"]["outcome"] == "rolled back" and c["row"]["removed"] == 0]
+        assert len(measured) >= 2
+        for c in measured: assert c["row"]["acc"] == _accuracy(c["model"], valid), c["row"]
+
+
+def test_cop_decision_is_cops_own(runs):
+    "The plan rank 0 decided and every rank applied is the one COP makes from the same network in one process"
+    cut = runs["cop"][0]["cuts"][0]
+    net = _rebuilt(cut["before"])
+    selection = COP(net, (1, 28, 28)).select(amount=0.5, alpha=1.0, beta=0.0, gamma=0.0, min_channels=1)   # COPCallback's settings
+    assert {k: sorted(int(i) for i in v) for k, v in plan_from_selection(selection).items()} == cut["plan"]
+
+
+def test_pp_rollbacks_restore_identically(runs):
+    "Every cut rolled back, on both ranks alike: the run ends with the unpruned network, trained on"
+    r0, r1 = runs["pp_rollback"]
+    outcomes = [row["outcome"] for row in r0["log"]]
+    assert "rolled back" in outcomes and "accepted" not in outcomes, outcomes
+    assert any(row["removed"] for row in r0["log"] if row["outcome"] == "rolled back"), "no rolled-back row had cut anything"
+    assert r0["history"] == [] and r0["counts"] == filter_counts(lenet5(widths=WIDTHS))
+    assert_same(r0["state"], r1["state"], "weights after the rollbacks")
