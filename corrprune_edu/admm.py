@@ -18,11 +18,13 @@ from torch import nn
 from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation
 from fastai.learner import Learner
+from fastai.torch_core import get_model
 
 from .core import WEIGHT_LAYERS, check_finite
 from .checkpoint import in_lr_find, learner_example
 from .sparse import (KeepMaskedCallback, apply_masks, check_masks, keep_counts, maskable_weights,
                                   masks_to_plan, sparsity_report, topk_mask)
+from .distributed import distributed_accuracy
 from .train import accuracy_on
 
 # %% auto #0
@@ -150,14 +152,14 @@ class ADMMCallback(KeepMaskedCallback):
         self.owner = self.learn                                   # fastai detaches `learn` after fit; results need it
         self.active = not in_lr_find(self.learn)
         if not self.active: return                                # lr_find: no penalty, no update, no record
-        targets = self.targets(self.learn.model)
+        targets = self.targets(self.net)
         if self.masks: super().before_fit()
         if self.layers is None:
-            live = {k: self.live(k, p) for k, p in maskable_weights(self.learn.model, self.layer_types).items()}
+            live = {k: self.live(k, p) for k, p in maskable_weights(self.net, self.layer_types).items()}
             rho = {k: 0.0 if n >= live[k] else (self.rho[k] if isinstance(self.rho, dict) else self.rho) for k, n in targets.items()}
-            self.layers = admm_init(self.learn.model, targets, rho, self.structure)
+            self.layers = admm_init(self.net, targets, rho, self.structure)
         self.every = self.update_every or len(self.dls.train)
-        params = dict(self.learn.model.named_parameters())
+        params = dict(self.net.named_parameters())
         frozen = [k for k, l in self.layers.items() if l.rho > 0 and not params[k].requires_grad]
         if frozen: warnings.warn(f"ADMMCallback: {frozen} are frozen, so the penalty cannot pull them towards their sparse "
                                  f"targets and their hard pruning will be plain magnitude pruning; unfreeze them, or leave "
@@ -173,7 +175,7 @@ class ADMMCallback(KeepMaskedCallback):
     # -- training events --------------------------------------------------------------------------------------
     def after_loss(self):
         if self.active and self.training:
-            self.learn.loss_grad = self.learn.loss_grad + admm_penalty(self.learn.model, self.layers)
+            self.learn.loss_grad = self.learn.loss_grad + admm_penalty(self.net, self.layers)
 
     def after_backward(self):
         if self.active and self.masks: super().after_backward()
@@ -190,13 +192,13 @@ class ADMMCallback(KeepMaskedCallback):
     def update(self):
         "One Z-step, U-step and rho update, and its record"
         rho_before = {k: l.rho for k, l in self.layers.items()}
-        gaps = admm_update(self.learn.model, self.layers, self.rho_growth, self.rho_max)
+        gaps = admm_update(self.net, self.layers, self.rho_growth, self.rho_max)
         self.iteration += 1
-        params = dict(self.learn.model.named_parameters())
+        params = dict(self.net.named_parameters())
         acc = {}
         if self.record_accuracy:
-            acc = dict(valid_acc=accuracy_on(self.learn.model, self.dls.valid),
-                       valid_acc_pruned=accuracy_on(self.pruned_model(), self.dls.valid))
+            acc = dict(valid_acc=distributed_accuracy(self.net, self.dls.valid),             # the whole split, on every process
+                       valid_acc_pruned=distributed_accuracy(self.pruned_model(), self.dls.valid))
         for k, l in self.layers.items():
             wn = float(params[k].detach().norm())
             self.records.append(dict(iteration=self.iteration, param=k, gap=gaps[k], w_norm=wn, rel_gap=gaps[k] / max(wn, 1e-12),
@@ -207,7 +209,7 @@ class ADMMCallback(KeepMaskedCallback):
     def hard_masks(self) -> dict[str, torch.Tensor]:
         "Masks of the hard pruning: the n_keep largest |W| of each target layer, inside any masks given"
         out = {}
-        for k, w in dict(self.owner.model.named_parameters()).items():
+        for k, w in dict(get_model(self.owner.model).named_parameters()).items():
             old = self.masks.get(k) if self.masks else None
             if k not in (self.layers or {}):
                 if old is not None: out[k] = old.clone()
@@ -226,7 +228,7 @@ class ADMMCallback(KeepMaskedCallback):
 
     def pruned_model(self) -> nn.Module:
         "A copy of the current model, hard-pruned to the targets"
-        return apply_masks(self.owner.model, self.hard_masks())
+        return apply_masks(get_model(self.owner.model), self.hard_masks())
 
     @property
     def history(self) -> pd.DataFrame:

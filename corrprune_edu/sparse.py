@@ -16,6 +16,7 @@ from torch import nn
 import torch.nn.functional as F
 from fastai.callback.core import Callback
 from fastai.learner import Learner
+from fastai.torch_core import get_model
 
 from .core import WEIGHT_LAYERS, check_finite
 from .flops import layer_costs
@@ -372,27 +373,32 @@ class KeepMaskedCallback(Callback):
             raise TypeError("KeepMaskedCallback needs masks: a non-empty dict {parameter name: bool tensor}, e.g. from `magnitude_masks`")
         self.masks, self.follow_surgery, self.rederived, self.checked = dict(masks), follow_surgery, [], False
 
+    @property
+    def net(self) -> nn.Module:
+        "The network being trained (inside distributed training: the one in the DDP wrapper, whose names the masks use)"
+        return get_model(self.learn.model)
+
     def current(self) -> dict:
-        "Parameter name -> parameter of `learn.model`, with masks re-derived where surgery changed a shape"
+        "Parameter name -> parameter of the network, with masks re-derived where surgery changed a shape"
         if not self.checked:                      # the masks as given must fit: no silent re-deriving of a user error
-            check_masks(self.learn.model, self.masks); self.checked = True
-        params = dict(self.learn.model.named_parameters())
+            check_masks(self.net, self.masks); self.checked = True
+        params = dict(self.net.named_parameters())
         for k, m in self.masks.items():
             p = params.get(k)
             if p is not None and p.shape != m.shape and self.follow_surgery:
                 self.masks[k] = p.detach() != 0; self.rederived.append(k)
-        return check_masks(self.learn.model, self.masks)
+        return check_masks(self.net, self.masks)
 
     def before_fit(self):
         params = self.current()
         self.masks = {k: m.to(params[k].device) for k, m in self.masks.items()}
-        apply_masks(self.learn.model, self.masks, inplace=True)
+        apply_masks(self.net, self.masks, inplace=True)
         mask_optimizer_state_(self.learn.opt, params, self.masks)
     def after_backward(self): mask_gradients_(self.current(), self.masks)
     def before_step(self):
         params = self.current()
         mask_gradients_(params, self.masks); mask_optimizer_state_(self.learn.opt, params, self.masks)
-    def after_step(self): apply_masks(self.learn.model, self.masks, inplace=True)
+    def after_step(self): apply_masks(self.net, self.masks, inplace=True)
 
 # %% ../nbs/api/06c_sparse.ipynb #eaafd134
 def one_shot_magnitude(learn: Learner, # a fastai `Learner` holding the trained model (pruned in place)
@@ -440,7 +446,7 @@ class GradualMagnitudeCallback(KeepMaskedCallback):
         self.masks, self.follow_surgery, self.rederived, self.checked, self.log = None, True, [], False, []
 
     def before_fit(self):
-        weights = maskable_weights(self.learn.model, self.layer_types)
+        weights = maskable_weights(self.net, self.layer_types)
         self.final = keep_counts(weights, self.sparsity, self.n_keep)          # errors before any training
         if self.masks is None: self.masks = {k: torch.ones_like(p, dtype=torch.bool) for k, p in weights.items()}
         self.steps_done, self.probing = 0, in_lr_find(self.learn)      # lr_find: keep the masks, prune nothing new
@@ -464,7 +470,7 @@ class GradualMagnitudeCallback(KeepMaskedCallback):
         for k, n in self.target_counts(self.steps_done / self.n_steps).items():
             score = params[k].detach().abs().masked_fill(~self.masks[k], -1.0)   # dead weights rank last
             self.masks[k] = topk_mask(score, min(n, int(self.masks[k].sum())))
-        apply_masks(self.learn.model, self.masks, inplace=True)
+        apply_masks(self.net, self.masks, inplace=True)
         mask_optimizer_state_(self.learn.opt, params, self.masks)
         self.log.append(dict(step=self.steps_done, pct_train=round(self.pct_train, 4),
                              nonzero=sum(int(m.sum()) for m in self.masks.values())))

@@ -6,7 +6,8 @@
 Trains LeNet-5 (8-16-32) on a small MNIST subset inside `learn.distrib_ctx(cpu=True)` (gloo) and prunes in the
 middle of `fit` with a scenario's callback: `l1` cuts once with an L1 plan; `fcp`, `cop` and `pp` run the package's
 own callbacks (FCPCallback, COPCallback, PlayAndPruneCallback; `pp_rollback` sets a floor no network reaches, so
-every cut is rolled back) on a briefly pre-trained network, one after the other in the same processes. It writes what the test checks to OUT_DIR/<scenario>_rank<r>.pt. `--fail exit` or
+every cut is rolled back), `admm` runs `admm_prune` (ADMMCallback, then masked retraining with KeepMaskedCallback) and
+`masked` GradualMagnitudeCallback, on a briefly pre-trained network, one after the other in the same processes. It writes what the test checks to OUT_DIR/<scenario>_rank<r>.pt. `--fail exit` or
 `--fail hang` makes rank 1 exit or hang at the moment of the L1 cut (or right before FCP's first drop), to check that
 the other rank fails, not hangs.
 """
@@ -18,6 +19,7 @@ import torch
 from accelerate.utils import InitProcessGroupKwargs
 from fastai.callback.core import Callback
 
+from corrprune_edu.admm import ADMMCallback, admm_prune
 from corrprune_edu.core import set_seed, filter_counts
 from corrprune_edu.cop import COPCallback
 from corrprune_edu.criteria import l1_plan
@@ -32,6 +34,7 @@ from corrprune_edu.checkpoint import learner_example, pruning_record
 from corrprune_edu.fcp import FCPCallback, fold_pairs
 from corrprune_edu.channels import analyze_channels
 from corrprune_edu.play_and_prune import AFP, GapController, PlayAndPruneCallback
+from corrprune_edu.sparse import GradualMagnitudeCallback
 from corrprune_edu.surgery import copy_model, mask_channels
 from corrprune_edu.train import make_learner, quiet
 
@@ -181,6 +184,56 @@ SCENARIOS = {"l1": lambda fail: CutWithL1(fail=fail),
                                                               afp=AFP(max_frac=0.3, negligible=0.9), phase_batches=4, max_iters=3)}
 
 
+# The weight-level methods: ADMM (`admm_prune`: ADMMCallback, hard pruning, masked retraining with KeepMaskedCallback)
+# and gradual magnitude pruning (GradualMagnitudeCallback), at 80% zeros in every conv and linear weight
+SPARSITY = 0.8
+WEIGHT_SCENARIOS = ("admm", "masked")
+
+
+class WatchWeights(Callback):
+    "Runs after the mask and ADMM callbacks: the network each fit starts from, and at every ADMM update or pruning step"
+    order = 200
+    def __init__(self): self.starts, self.updates, self.steps = [], [], []
+    def before_fit(self): self.starts.append(record(self.learn.model))
+    def after_batch(self):
+        if not self.training: return
+        admm = next((c for c in self.cbs if isinstance(c, ADMMCallback)), None)
+        if admm is not None and admm.iteration > len(self.updates):     # what the accuracies of this update measured
+            self.updates.append(dict(record(self.learn.model), masks=admm.hard_masks(), rho={k: l.rho for k, l in admm.layers.items()},
+                                     Z={k: l.Z.clone() for k, l in admm.layers.items()}, U={k: l.U.clone() for k, l in admm.layers.items()}))
+    def before_batch(self):                                                 # GradualMagnitudeCallback prunes in its before_batch
+        gm = next((c for c in self.cbs if isinstance(c, GradualMagnitudeCallback)), None)
+        if self.training and gm is not None and len(gm.log) > len(self.steps):
+            self.steps.append(dict(record(self.learn.model), masks={k: m.clone() for k, m in gm.masks.items()}))
+
+
+def run_weights(scenario: str, args) -> dict:
+    "A weight-level method inside `learn.distrib_ctx()`; what this process holds at the end"
+    set_seed(0)
+    learn = make_learner(lenet5(widths=WIDTHS), small_dls())
+    watch = WatchWeights()
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=args.timeout))
+    with learn.distrib_ctx(cpu=True, sync_bn=False, kwargs_handlers=[timeout]):
+        with quiet(learn):
+            learn.fit(1, 3e-3)                                   # from a (briefly) trained network
+            learn.add_cb(watch)
+            t0 = time.perf_counter()
+            if scenario == "admm":                               # two ADMM updates (7 of 14 batches each), one epoch retrained
+                res = admm_prune(learn, sparsity=SPARSITY, admm_epochs=1, retrain_epochs=1, lr=3e-3, update_every=7, rho=1e-2)
+                out = dict(masks=res.masks, history=plain(res.history.to_dict("records")),
+                           acc=[res.valid_acc_pruned, res.valid_acc])
+            else:                                                # four pruning steps in the first half of two epochs
+                gm = GradualMagnitudeCallback(sparsity=SPARSITY, end=0.5, n_steps=4)
+                learn.fit(2, 3e-3, cbs=gm)
+                out = dict(masks=gm.masks, log=plain(gm.log))
+            seconds = time.perf_counter() - t0
+            learn.remove_cb(watch)
+    out.update(rank=rank(), seconds=seconds, state=snapshot(learn.model), opt=opt_state(learn), starts=watch.starts,
+               updates=watch.updates, steps=watch.steps, recorder=[[float(v) for v in row] for row in learn.recorder.values])
+    print(f"rank {rank()} of {world_size()}: {scenario} done in {seconds:.1f}s", flush=True)
+    return out
+
+
 def primitives() -> dict:
     "Each primitive once, with values that differ by rank; the test checks what every rank got"
     r, got = rank(), {}
@@ -231,18 +284,18 @@ def run(scenario: str, args) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("scenarios", help=f"comma-separated, from {sorted(SCENARIOS)}")
+    ap.add_argument("scenarios", help=f"comma-separated, from {sorted(SCENARIOS) + list(WEIGHT_SCENARIOS)}")
     ap.add_argument("out", type=Path)
     ap.add_argument("--fail", choices=["exit", "hang"])
     ap.add_argument("--timeout", type=float, default=60, help="seconds a collective waits for the other processes")
     ap.add_argument("--epochs", type=int, default=2)
     args = ap.parse_args()
     scenarios = args.scenarios.split(",")
-    if set(scenarios) - set(SCENARIOS): ap.error(f"unknown scenario(s) {sorted(set(scenarios) - set(SCENARIOS))}")
+    if set(scenarios) - set(SCENARIOS) - set(WEIGHT_SCENARIOS): ap.error(f"unknown scenario(s) {sorted(set(scenarios) - set(SCENARIOS) - set(WEIGHT_SCENARIOS))}")
     if args.fail and scenarios not in (["l1"], ["fcp"]): ap.error("--fail is for the l1 or the fcp scenario alone")
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {s: run(s, args) for s in scenarios}
+    results = {s: run_weights(s, args) if s in WEIGHT_SCENARIOS else run(s, args) for s in scenarios}
     results[scenarios[0]]["primitives"] = primitives()
     for s, record_ in results.items(): torch.save(record_, args.out/f"{s}_rank{rank()}.pt")
 

@@ -1,8 +1,8 @@
 """Pruning inside fastai's distributed training, with real processes: torchrun, gloo on CPU, 2 ranks.
 
-One torchrun launch of `distributed_worker.py` on two processes runs four scenarios one after the other (an L1 cut
-made by hand, then the package's FCPCallback, COPCallback and PlayAndPruneCallback), bounded by a timeout (the whole
-process group is killed if it is exceeded). The tests check what the ranks wrote: they end bitwise equal (weights,
+One torchrun launch of `distributed_worker.py` on two processes runs its scenarios one after the other (an L1 cut
+made by hand, the package's FCPCallback, COPCallback and PlayAndPruneCallback, then the weight-level `admm_prune` and
+GradualMagnitudeCallback), bounded by a timeout (the whole process group is killed if it is exceeded). The tests check what the ranks wrote: they end bitwise equal (weights,
 pruning history, optimiser state, the method's own log), every cut is exact and re-wrapped in a new DDP, training
 after the last cut or rollback moves every remaining weight, and the accuracy every decision saw is that of the
 whole validation split (not a rank's shard). Further launches by hand check that a failed rank fails the other.
@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed_worker import WIDTHS, N_VALID, small_dls
+from distributed_worker import SPARSITY, WIDTHS, N_VALID, WEIGHT_SCENARIOS, small_dls
 from corrprune_edu.checkpoint import replay_pruning
 from corrprune_edu.cop import COP, plan_from_selection
 from corrprune_edu.core import filter_counts
 from corrprune_edu.models import lenet5
+from corrprune_edu.sparse import apply_masks, keep_counts, maskable_weights
 from corrprune_edu.surgery import prune_channels
 from corrprune_edu.train import accuracy_on, make_learner
 
@@ -80,7 +81,7 @@ def assert_same(a, b, what):
     else: assert a == b, f"{what}: {a!r} != {b!r}"
 
 
-SCENARIOS = ("l1", "fcp", "cop", "pp", "pp_rollback")
+SCENARIOS = ("l1", "fcp", "cop", "pp", "pp_rollback", *WEIGHT_SCENARIOS)
 METHODS = ("fcp", "cop", "pp", "pp_rollback")
 PRUNED = ("fcp", "cop", "pp")                                  # pp_rollback ends with the unpruned network
 
@@ -187,7 +188,7 @@ def test_a_failed_rank_fails_the_other(tmp_path, scenario, fail, message):
     print(f"\n{scenario}, rank 1 {fail}: rank 0 failed after {time.perf_counter() - t0:.1f}s")
 
 
-# The package's own callbacks: FCPCallback, COPCallback, PlayAndPruneCallback (ADMM and FDNP are not on this branch)
+# The package's own structured callbacks: FCPCallback, COPCallback, PlayAndPruneCallback
 
 @pytest.mark.parametrize("method", METHODS)
 def test_method_ranks_end_bitwise_equal(runs, method):
@@ -273,3 +274,59 @@ def test_pp_rollbacks_restore_identically(runs):
     assert any(row["removed"] for row in r0["log"] if row["outcome"] == "rolled back"), "no rolled-back row had cut anything"
     assert r0["history"] == [] and r0["counts"] == filter_counts(lenet5(widths=WIDTHS))
     assert_same(r0["state"], r1["state"], "weights after the rollbacks")
+
+
+# The weight-level methods: `admm_prune` (ADMMCallback, hard pruning, masked retraining with KeepMaskedCallback) and
+# GradualMagnitudeCallback, both to 80% zeros in every conv and linear weight
+
+def _dense(state):
+    net = lenet5(widths=WIDTHS)
+    net.load_state_dict(state)
+    return net
+
+
+@pytest.mark.parametrize("method", WEIGHT_SCENARIOS)
+def test_weights_ranks_end_bitwise_equal(runs, method):
+    "Weights, masks, optimiser state, the method's log, and every ADMM update's network, Z, U, rho and hard masks"
+    r0, r1 = runs[method]
+    assert len(r0["updates"]) == 2 if method == "admm" else len(r0["steps"]) == 4, "nothing to compare: the method did not run"
+    for key in sorted(set(r0) - {"rank", "seconds", "primitives"}): assert_same(r0[key], r1[key], f"{method}: {key}")
+
+
+@pytest.mark.parametrize("method", WEIGHT_SCENARIOS)
+def test_weights_nonzeros_are_the_targets(runs, method):
+    targets = keep_counts(maskable_weights(lenet5(widths=WIDTHS)), SPARSITY)
+    for r in runs[method]:
+        assert {k: int(m.sum()) for k, m in r["masks"].items()} == targets
+        for k, m in r["masks"].items():
+            assert torch.equal(r["state"][k] != 0, m), f"{method}, rank {r['rank']}: '{k}' is not zero exactly where its mask is"
+        for u in r["updates"]:                                              # ADMM's Z is projected onto the targets
+            assert {k: int(torch.count_nonzero(z)) for k, z in u["Z"].items()} == targets
+
+
+def test_admm_records_whole_split_accuracy(runs):
+    "Every accuracy in ADMM's history is that of the network at that update (and hard-pruned) on all 45 images"
+    valid = small_dls().valid
+    r = runs["admm"][0]
+    assert sorted({row["iteration"] for row in r["history"]}) == [1, 2] == list(range(1, len(r["updates"]) + 1))
+    for i, u in enumerate(r["updates"], 1):
+        net = _dense(u["state"])
+        want = (accuracy_on(net, valid), accuracy_on(apply_masks(net, u["masks"]), valid))
+        assert {(row["valid_acc"], row["valid_acc_pruned"]) for row in r["history"] if row["iteration"] == i} == {want}
+    assert r["acc"] == [accuracy_on(_dense(r["starts"][1]["state"]), valid), accuracy_on(_dense(r["state"]), valid)]
+
+
+@pytest.mark.parametrize("method", WEIGHT_SCENARIOS)
+def test_weights_training_moves_every_kept_weight(runs, method):
+    "After the hard pruning (ADMM) or the last pruning step (gradual), training moves every kept weight; masked ones stay zero"
+    for r in runs[method]:
+        last = r["starts"][1] if method == "admm" else r["steps"][-1]
+        if method == "masked": assert_same(last["masks"], r["masks"], "masks after the last step")
+        assert last["state"].keys() == r["state"].keys() and set(r["opt"]) == set(r["state"])
+        assert r["masks"].keys() == {k for k in r["state"] if k.endswith(".weight")}
+        for k, m in r["masks"].items():
+            w, end = last["state"][k], r["state"][k]
+            assert (w[~m] == 0).all() and (end[~m] == 0).all(), f"{method}, rank {r['rank']}: masked weights of '{k}' moved"
+            assert (w[m] != end[m]).all(), f"{method}, rank {r['rank']}: training did not move all kept weights of '{k}'"
+        # (a bias is not decayed: one of a ReLU unit that no image switches on at 80% zeros can stay still)
+        for k in r["state"].keys() - r["masks"].keys(): assert (last["state"][k] != r["state"][k]).any(), f"'{k}' did not train"
