@@ -101,7 +101,7 @@ TABLES = {"lenet5_mnist": lambda: accuracy_table("lenet5_mnist"),
           "distributed_compare": distributed_compare,
           "fdnp_lenet5": lambda: fdnp_table("fdnp_lenet5"), "fdnp_resnet20": lambda: fdnp_table("fdnp_resnet20")}
 EXTRA = {"fdnp_lenet5": fdnp_goals, "fdnp_resnet20": fdnp_goals}
-SCRIPTS = {"fdnp_lenet5": "fdnp.py lenet5", "fdnp_resnet20": "fdnp.py resnet20"}
+SCRIPTS = {"fdnp_lenet5": "fdnp.py lenet5", "fdnp_resnet20": "fdnp.py resnet20", "admm_filters_lenet5": "admm_lenet5.py --filters"}
 
 
 def markdown(df: pd.DataFrame) -> str:
