@@ -44,7 +44,7 @@ def weight_pruning_table(name: str) -> pd.DataFrame:
                             lambda v: "n/a" if pd.isna(v) else f"{100 * v:.2f}"),
                         "epochs": df.epochs, "wall time (s)": df.seconds.round(0).astype(int)})
     order = {m: i for i, m in enumerate(["oneshot", "gradual", "admm", "progressive"])}
-    return out.assign(_r=df.rate, _m=df.method.map(order)).sort_values(["_r", "_m"]).drop(columns=["_r", "_m"])
+    return out.assign(_r=df.rate, _m=df.method.map(order)).sort_values(["_r", "epochs", "_m"]).drop(columns=["_r", "_m"])
 
 
 def filter_admm_table() -> pd.DataFrame:
@@ -60,8 +60,10 @@ def distributed_compare() -> pd.DataFrame:
     df = results_table(RESULTS / "distributed_compare.json")
     out = pd.DataFrame({"method": df.method, "processes": df.processes, "filters": df.filters,
                         "MACs removed": df.macs_reduction.map(PCT), "valid acc (pre-trained)": df.base_acc.map(PCT),
-                        "valid acc": df.valid_acc.map(PCT), "test acc": df.test_acc.map(PCT), "fit s": df.fit_seconds,
-                        "ranks equal": df.ranks_bitwise_equal})
+                        "valid acc": df.valid_acc.map(PCT), "test acc": df.test_acc.map(PCT),
+                        "conv compression": df.get("conv_compression", pd.Series(index=df.index, dtype=float)).map(
+                            lambda v: "" if pd.isna(v) or v == 1 else f"{v:.1f}x"),
+                        "fit s": df.fit_seconds, "ranks equal": df.ranks_bitwise_equal})
     return out.sort_values(["method", "processes"], kind="stable")
 
 def fdnp_table(name: str) -> pd.DataFrame:

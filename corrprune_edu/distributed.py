@@ -20,7 +20,10 @@ from torch.nn.parallel import DistributedDataParallel
 from fastcore.basics import patch
 from fastai.callback.core import (CancelBackwardException, CancelBatchException, CancelEpochException, CancelFitException,
                                   CancelStepException, CancelTrainException, CancelValidException)
-from fastai.distributed import DistributedDL
+try: from fastai.distributed import DistributedDL
+except (ImportError, NameError):   # fastai.distributed needs Hugging Face Accelerate, the `distributed` extra; without it
+    class DistributedDL:          # nothing is distributed, so no DataLoader is one and every function here works on one process
+        "Stand-in for fastai's `DistributedDL` when `accelerate` is not installed"
 
 from .core import stable_hash
 from .flops import eval_mode

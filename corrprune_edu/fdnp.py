@@ -25,6 +25,7 @@ from fastcore.meta import delegates
 from .flops import layer_costs, measure_latency
 from .checkpoint import optimizer_state, rebuild_optimizer
 from .core import check_finite, check_int, check_number
+from .distributed import batches_per_process, unwrapped
 from .sparse import maskable_name, maskable_weights
 from .train import quiet
 
@@ -443,15 +444,16 @@ def before_fit(self: FDNPCallback):
     "Check the layers, convert them to the frequency domain (first fit only), create or re-attach the pruner"
     self.active = not hasattr(self.learn, "lr_finder")
     if not self.active: return
-    if self.pruner is not None: self.pruner.attach(self.learn.model); return
-    model = self.learn.model
-    targets = resolve_targets(model, self.sparsity, self.c_rate, self.layers, self.layer_types)   # check before any work
-    convs = [n for n in targets if isinstance(model.get_submodule(n), nn.Conv2d)]
-    if self.domain == "frequency" and convs: self._to_frequency(convs)
-    stop = self.iter_stop
-    if isinstance(stop, float): stop = max(1, round(stop * self.n_epoch * len(self.dls.train)))
-    self.pruner = DynamicPruner(self.learn.model, self.sparsity, self.c_rate, self.layers, self.layer_types, self.band_rule,
-                                self.spread, iter_stop=stop, **self.rule)
+    with unwrapped(self.learn):   # under DDP: work on the bare network; a converted one is wrapped in a new DDP on leaving
+        if self.pruner is not None: self.pruner.attach(self.learn.model); return
+        model = self.learn.model
+        targets = resolve_targets(model, self.sparsity, self.c_rate, self.layers, self.layer_types)   # check before any work
+        convs = [n for n in targets if isinstance(model.get_submodule(n), nn.Conv2d)]
+        if self.domain == "frequency" and convs: self._to_frequency(convs)
+        stop = self.iter_stop   # a fraction of the batches this process runs (its share, under DDP)
+        if isinstance(stop, float): stop = max(1, round(stop * self.n_epoch * batches_per_process(self.dls.train)))
+        self.pruner = DynamicPruner(self.learn.model, self.sparsity, self.c_rate, self.layers, self.layer_types, self.band_rule,
+                                    self.spread, iter_stop=stop, **self.rule)
 
 @patch
 def _to_frequency(self: FDNPCallback, convs: list):

@@ -7,7 +7,8 @@ Trains LeNet-5 (8-16-32) on a small MNIST subset inside `learn.distrib_ctx(cpu=T
 middle of `fit` with a scenario's callback: `l1` cuts once with an L1 plan; `fcp`, `cop` and `pp` run the package's
 own callbacks (FCPCallback, COPCallback, PlayAndPruneCallback; `pp_rollback` sets a floor no network reaches, so
 every cut is rolled back), `admm` runs `admm_prune` (ADMMCallback, then masked retraining with KeepMaskedCallback) and
-`masked` GradualMagnitudeCallback, on a briefly pre-trained network, one after the other in the same processes. It writes what the test checks to OUT_DIR/<scenario>_rank<r>.pt. `--fail exit` or
+`masked` GradualMagnitudeCallback and `fdnp` FDNPCallback (its layers converted to the frequency domain, so a new DDP),
+on a briefly pre-trained network, one after the other in the same processes. It writes what the test checks to OUT_DIR/<scenario>_rank<r>.pt. `--fail exit` or
 `--fail hang` makes rank 1 exit or hang at the moment of the L1 cut (or right before FCP's first drop), to check that
 the other rank fails, not hangs.
 """
@@ -32,6 +33,7 @@ from corrprune_edu.flops import eval_mode
 from corrprune_edu.models import lenet5
 from corrprune_edu.checkpoint import learner_example, pruning_record
 from corrprune_edu.fcp import FCPCallback, fold_pairs
+from corrprune_edu.fdnp import DCTConv2d, FDNPCallback
 from corrprune_edu.channels import analyze_channels
 from corrprune_edu.play_and_prune import AFP, GapController, PlayAndPruneCallback
 from corrprune_edu.sparse import GradualMagnitudeCallback
@@ -187,14 +189,18 @@ SCENARIOS = {"l1": lambda fail: CutWithL1(fail=fail),
 # The weight-level methods: ADMM (`admm_prune`: ADMMCallback, hard pruning, masked retraining with KeepMaskedCallback)
 # and gradual magnitude pruning (GradualMagnitudeCallback), at 80% zeros in every conv and linear weight
 SPARSITY = 0.8
-WEIGHT_SCENARIOS = ("admm", "masked")
+WEIGHT_SCENARIOS = ("admm", "masked", "fdnp")
+FDNP_EPOCHS, FDNP_STOP = 2, 0.75           # FDNP: dynamic masks during the first 3/4 of a 2-epoch fit, then fixed
 
 
 class WatchWeights(Callback):
     "Runs after the mask and ADMM callbacks: the network each fit starts from, and at every ADMM update or pruning step"
     order = 200
     def __init__(self): self.starts, self.updates, self.steps = [], [], []
-    def before_fit(self): self.starts.append(record(self.learn.model))
+    def before_fit(self):
+        net = unwrap_model(self.learn.model)
+        self.starts.append(dict(record(net), wrapper=type(self.learn.model).__name__,
+                                layers={n: type(m).__name__ for n, m in net.named_children()}))
     def after_batch(self):
         if not self.training: return
         admm = next((c for c in self.cbs if isinstance(c, ADMMCallback)), None)
@@ -205,6 +211,9 @@ class WatchWeights(Callback):
         gm = next((c for c in self.cbs if isinstance(c, GradualMagnitudeCallback)), None)
         if self.training and gm is not None and len(gm.log) > len(self.steps):
             self.steps.append(dict(record(self.learn.model), masks={k: m.clone() for k, m in gm.masks.items()}))
+        fd = next((c for c in self.cbs if isinstance(c, FDNPCallback)), None)   # FDNP updates its masks in its before_batch
+        if self.training and fd is not None and fd.pruner.iteration == fd.pruner.iter_stop and not self.steps:
+            self.steps.append(dict(record(self.learn.model), masks={k: m.clone() for k, m in fd.masks.items()}))
 
 
 def run_weights(scenario: str, args) -> dict:
@@ -222,10 +231,16 @@ def run_weights(scenario: str, args) -> dict:
                 res = admm_prune(learn, sparsity=SPARSITY, admm_epochs=1, retrain_epochs=1, lr=3e-3, update_every=7, rho=1e-2)
                 out = dict(masks=res.masks, history=plain(res.history.to_dict("records")),
                            acc=[res.valid_acc_pruned, res.valid_acc])
-            else:                                                # four pruning steps in the first half of two epochs
+            elif scenario == "masked":                           # four pruning steps in the first half of two epochs
                 gm = GradualMagnitudeCallback(sparsity=SPARSITY, end=0.5, n_steps=4)
                 learn.fit(2, 3e-3, cbs=gm)
                 out = dict(masks=gm.masks, log=plain(gm.log))
+            else:                                                # FDNP on the convs: a new DDP over DCT layers, then dynamic masks
+                fd = FDNPCallback(sparsity=SPARSITY, iter_stop=FDNP_STOP)
+                learn.fit(FDNP_EPOCHS, 3e-3, cbs=fd)
+                out = dict(masks=fd.masks, log=plain(fd.log.to_dict("records")), iter_stop=fd.pruner.iter_stop,
+                           mask_updates=fd.pruner.updates, acc=distributed_accuracy(learn.model, learn.dls.valid))
+                on_main_process(learn.save, args.out/"fdnp_model")   # rank 0 writes, the others wait
             seconds = time.perf_counter() - t0
             learn.remove_cb(watch)
     out.update(rank=rank(), seconds=seconds, state=snapshot(learn.model), opt=opt_state(learn), starts=watch.starts,

@@ -1,8 +1,8 @@
 """Pruning inside fastai's distributed training, with real processes: torchrun, gloo on CPU, 2 ranks.
 
 One torchrun launch of `distributed_worker.py` on two processes runs its scenarios one after the other (an L1 cut
-made by hand, the package's FCPCallback, COPCallback and PlayAndPruneCallback, then the weight-level `admm_prune` and
-GradualMagnitudeCallback), bounded by a timeout (the whole process group is killed if it is exceeded). The tests check what the ranks wrote: they end bitwise equal (weights,
+made by hand, the package's FCPCallback, COPCallback and PlayAndPruneCallback, then the weight-level `admm_prune`,
+GradualMagnitudeCallback and FDNPCallback), bounded by a timeout (the whole process group is killed if it is exceeded). The tests check what the ranks wrote: they end bitwise equal (weights,
 pruning history, optimiser state, the method's own log), every cut is exact and re-wrapped in a new DDP, training
 after the last cut or rollback moves every remaining weight, and the accuracy every decision saw is that of the
 whole validation split (not a rank's shard). Further launches by hand check that a failed rank fails the other.
@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed_worker import SPARSITY, WIDTHS, N_VALID, WEIGHT_SCENARIOS, small_dls
+from distributed_worker import FDNP_EPOCHS, FDNP_STOP, SPARSITY, WIDTHS, N_VALID, WEIGHT_SCENARIOS, small_dls
 from corrprune_edu.checkpoint import replay_pruning
 from corrprune_edu.cop import COP, plan_from_selection
 from corrprune_edu.core import filter_counts
+from corrprune_edu.fdnp import to_frequency, to_spatial
 from corrprune_edu.models import lenet5
 from corrprune_edu.sparse import apply_masks, keep_counts, maskable_weights
 from corrprune_edu.surgery import prune_channels
@@ -94,7 +95,7 @@ def runs(tmp_path_factory):
     rc, log = torchrun([",".join(SCENARIOS), str(out)], out)
     assert rc == 0, f"torchrun failed (exit {rc}):\n{log[-5000:]}"
     ranks = {s: load_ranks(out, s) for s in SCENARIOS}
-    for s in METHODS: ranks[s][0]["saved"] = out/f"{s}_model"            # learn.save / learn.load add ".pth"
+    for s in (*METHODS, "fdnp"): ranks[s][0]["saved"] = out/f"{s}_model"  # learn.save / learn.load add ".pth"
     fits = ", ".join(f"{s} {ranks[s][0]['seconds']:.1f}s" for s in SCENARIOS)
     print(f"\n2-process launch of {'/'.join(SCENARIOS)}: {time.perf_counter() - t0:.1f}s wall with start-up; fits: {fits}")
     return ranks
@@ -285,15 +286,19 @@ def _dense(state):
     return net
 
 
+EXACT = ("admm", "masked")                                     # FDNP's masks are dynamic: no exact per-layer target
+
+
 @pytest.mark.parametrize("method", WEIGHT_SCENARIOS)
 def test_weights_ranks_end_bitwise_equal(runs, method):
     "Weights, masks, optimiser state, the method's log, and every ADMM update's network, Z, U, rho and hard masks"
     r0, r1 = runs[method]
-    assert len(r0["updates"]) == 2 if method == "admm" else len(r0["steps"]) == 4, "nothing to compare: the method did not run"
-    for key in sorted(set(r0) - {"rank", "seconds", "primitives"}): assert_same(r0[key], r1[key], f"{method}: {key}")
+    ran = {"admm": len(r0["updates"]) == 2, "masked": len(r0["steps"]) == 4, "fdnp": len(r0["steps"]) == 1 and r0["mask_updates"] > 0}
+    assert ran[method], "nothing to compare: the method did not run"
+    for key in sorted(set(r0) - {"rank", "seconds", "primitives", "saved"}): assert_same(r0[key], r1[key], f"{method}: {key}")
 
 
-@pytest.mark.parametrize("method", WEIGHT_SCENARIOS)
+@pytest.mark.parametrize("method", EXACT)
 def test_weights_nonzeros_are_the_targets(runs, method):
     targets = keep_counts(maskable_weights(lenet5(widths=WIDTHS)), SPARSITY)
     for r in runs[method]:
@@ -316,7 +321,7 @@ def test_admm_records_whole_split_accuracy(runs):
     assert r["acc"] == [accuracy_on(_dense(r["starts"][1]["state"]), valid), accuracy_on(_dense(r["state"]), valid)]
 
 
-@pytest.mark.parametrize("method", WEIGHT_SCENARIOS)
+@pytest.mark.parametrize("method", EXACT)
 def test_weights_training_moves_every_kept_weight(runs, method):
     "After the hard pruning (ADMM) or the last pruning step (gradual), training moves every kept weight; masked ones stay zero"
     for r in runs[method]:
@@ -330,3 +335,60 @@ def test_weights_training_moves_every_kept_weight(runs, method):
             assert (w[m] != end[m]).all(), f"{method}, rank {r['rank']}: training did not move all kept weights of '{k}'"
         # (a bias is not decayed: one of a ReLU unit that no image switches on at 80% zeros can stay still)
         for k in r["state"].keys() - r["masks"].keys(): assert (last["state"][k] != r["state"][k]).any(), f"'{k}' did not train"
+
+
+# FDNP (FDNPCallback on the convs): the conversion to DCT layers replaces the parameters, so a new DDP; then dynamic masks
+
+def _frequency_net(state):
+    net = to_frequency(lenet5(widths=WIDTHS))
+    net.load_state_dict(state)
+    return net
+
+
+def test_fdnp_converts_the_bare_network_and_rewraps(runs):
+    "The fit trains DCT layers inside a new DDP; the mask schedule counts this process's batches (14 per epoch), not 28"
+    per_process = -(-len(small_dls().train) // 2)
+    for r in runs["fdnp"]:
+        start = r["starts"][0]
+        assert start["wrapper"] == "DistributedDataParallel", "the converted network is not wrapped in DDP"
+        assert (start["layers"]["conv1"], start["layers"]["conv2"], start["layers"]["fc1"]) == ("DCTConv2d", "DCTConv2d", "Linear")
+        assert r["iter_stop"] == round(FDNP_STOP * FDNP_EPOCHS * per_process) == 21
+        assert 0 < r["mask_updates"] <= r["iter_stop"]
+        assert [row["iteration"] for row in r["log"]] == [per_process, 2 * per_process]
+
+
+def test_fdnp_masks_hold_and_kept_coefficients_train(runs):
+    "After the last mask update, pruned coefficients stay exactly zero and training moves every kept one"
+    for r in runs["fdnp"]:
+        last = r["steps"][0]
+        assert r["masks"].keys() == {"conv1.coef", "conv2.coef"}
+        assert_same(last["masks"], r["masks"], "masks after the last update")
+        for k, m in r["masks"].items():
+            w, end = last["state"][k], r["state"][k]
+            assert (w[~m] == 0).all() and (end[~m] == 0).all(), f"rank {r['rank']}: pruned coefficients of '{k}' moved"
+            assert (w[m] != end[m]).all(), f"rank {r['rank']}: training did not move all kept coefficients of '{k}'"
+        kept = sum(int(m.sum()) for m in r["masks"].values()) / sum(m.numel() for m in r["masks"].values())
+        assert 0.05 < kept < 0.5, f"{kept:.1%} of the conv coefficients kept: FDNP did not prune to about {1 - SPARSITY:.0%}"
+
+
+def test_fdnp_accuracy_saved_file_and_deployment(runs):
+    "The accuracy is the whole split's; rank 0's file loads into a converted Learner; the spatial network computes the same"
+    valid = small_dls().valid
+    r0, r1 = runs["fdnp"]
+    net = _frequency_net(r0["state"])
+    assert r0["acc"] == r1["acc"] == accuracy_on(net, valid)
+    learn = make_learner(to_frequency(lenet5(widths=WIDTHS)), small_dls())
+    learn.load(r0["saved"])
+    assert_same({n: p.detach() for n, p in learn.model.named_parameters()}, r1["state"], "fdnp: loaded file")
+    x = valid.one_batch()[0]
+    with torch.no_grad(): torch.testing.assert_close(to_spatial(net).eval()(x), net.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_package_imports_without_accelerate(tmp_path):
+    "Only distributed training needs the `distributed` extra: every module imports, and works on one process, without accelerate"
+    code = ("import sys; sys.modules['accelerate'] = None\n"
+            "import corrprune_edu.distributed as d, corrprune_edu.fcp, corrprune_edu.cop, corrprune_edu.play_and_prune, "
+            "corrprune_edu.admm, corrprune_edu.fdnp, corrprune_edu.sparse\n"
+            "assert not d.is_distributed() and d.world_size() == 1 and d.all_reduce_sum(2, 3.5) == (2, 3.5)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
