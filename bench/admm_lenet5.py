@@ -2,7 +2,7 @@
 """LeNet-5 on full MNIST: weight pruning to 20x, 71x and 167x fewer non-zero weights (magnitude one-shot and gradual, direct and progressive ADMM) from one cached baseline, at one epoch budget.
 
     python bench/admm_lenet5.py                              # every method at every rate: 12 rows of 12 epochs
-    python bench/admm_lenet5.py --methods admm,progressive --rates 167 --budget 16
+    python bench/admm_lenet5.py --methods gradual,progressive --rates 71,167 --budget 36   # rows "71x, 36 epochs", ...
     CORRPRUNE_THREADS=1 python bench/admm_lenet5.py --rates 167 & CORRPRUNE_THREADS=1 python bench/admm_lenet5.py --rates 71
                                                              # two processes may share the results file (it is locked)
     python bench/admm_lenet5.py --filters                    # structured ADMM against FCP / L1 / random at equal MACs
@@ -28,13 +28,13 @@ Protocol (the same for every method and rate):
 * One row per method and rate in bench/results/admm_lenet5.json (see corrprune_edu.results), written as each row
   finishes: non-zeros per layer, compression, test/valid accuracy, accuracy right after pruning, epochs, seconds.
 
-`--filters` (structured ADMM, the filter projection): at the filter counts FCP chose in bench/lenet5_mnist.py
-(levels 90 / 94 / 96% fewer MACs: 4-10, 3-6, 2-5 filters in conv1-conv2), with that benchmark's budget of 4 epochs:
+`--filters` (structured ADMM, the filter projection): at the filter counts FCP chose in bench/lenet5_mnist.py (read
+from its results: levels 90 / 94 / 96% fewer MACs, 5-9, 3-6, 2-5 filters in conv1-conv2), with that benchmark's budget of 4 epochs:
 2 epochs of ADMM (the settings above) whose Z keeps whole filters, surgery along the resulting channel plan, then
 2 epochs of one-cycle fine-tuning with Adam at lr 1e-3 (that benchmark's fine-tuning). Rows go to bench/results/admm_filters_lenet5.json;
 bench/summarize.py shows them next to FCP, L1 and random from bench/results/lenet5_mnist.json at the same level.
 """
-import argparse, fcntl, time
+import argparse, fcntl, json, time
 from functools import partial
 
 from fastai.optimizer import SGD
@@ -50,6 +50,7 @@ BASELINE = dict(model="lenet5", dataset="mnist", epochs=3, seed=0)
 LR = 1e-3               # peak one-cycle learning rate of retraining and magnitude pruning (Adam)
 ADMM = dict(rho=0.1, rho_growth=1.3, rho_max=1.0, per_epoch=4, lr=0.02, opt="SGD(mom=0.9)")   # rho x1.3 per ADMM iteration
 N_STAGES = 3
+DEFAULT_BUDGET = 12     # epochs after the baseline; rows of another budget are recorded as their own level
 GRADUAL = dict(end=0.6, n_steps=20)
 
 
@@ -128,7 +129,11 @@ def run_filters(level, filters, budget=4):
     return r
 
 
-FILTER_LEVELS = {0.9: (4, 10), 0.94: (3, 6), 0.96: (2, 5)}   # FCP's counts in bench/results/lenet5_mnist.json
+def fcp_filter_levels() -> dict:
+    "FCP's conv1-conv2 filter counts per MACs level, read from bench/results/lenet5_mnist.json (the rows to match)"
+    rows = json.loads((Path(__file__).parent/"results"/"lenet5_mnist.json").read_text())["rows"]
+    return {r["level"]: tuple(int(n) for n in r["filters"].split("-")[:2])
+            for r in rows if r["method"] == "fcp" and not isinstance(r["level"], str)}
 
 
 METHODS = {"oneshot": run_oneshot, "gradual": run_gradual, "admm": run_admm, "progressive": run_progressive}
@@ -143,7 +148,8 @@ def run(method, rate, budget, base_meta):
     rep = sparsity_report(learn.model)
     if rep.nonzero.tolist()[:-1] != list(LENET5_KEEP[rate].values()):
         raise RuntimeError(f"{method} at {rate}x left {rep.nonzero.tolist()} non-zeros, not {LENET5_KEEP[rate]}")
-    r = dict(method=method, level=f"{rate}x", rate=rate, nonzero="-".join(map(str, rep.nonzero.tolist()[:-1])),
+    level = f"{rate}x" if budget == DEFAULT_BUDGET else f"{rate}x, {budget} epochs"   # a longer budget adds rows, replaces none
+    r = dict(method=method, level=level, rate=rate, nonzero="-".join(map(str, rep.nonzero.tolist()[:-1])),
              total_nonzero=int(rep.nonzero.iloc[-1]), compression=round(float(rep.compression.iloc[-1]), 1),
              base_acc=base_meta["test_acc"], base_valid_acc=base_meta["valid_acc"],
              test_acc=evaluate(learn, "test"), valid_acc=evaluate(learn, "valid"),
@@ -156,14 +162,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default="oneshot,gradual,admm,progressive")
     ap.add_argument("--rates", default="20,71,167")
-    ap.add_argument("--budget", type=int, default=12, help="training epochs after the baseline, for every method (a multiple of 6)")
+    ap.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="training epochs after the baseline, for every method (a multiple of 6)")
     ap.add_argument("--out", default=str(Path(__file__).parent/"results"/"admm_lenet5.json"))
     ap.add_argument("--filters", action="store_true", help="structured ADMM at FCP's filter counts instead (see above)")
+    ap.add_argument("--levels", default="", help="with --filters: MACs levels to run, comma-separated (default: all of FCP's)")
     args = ap.parse_args()
     if args.filters:
         set_threads()
         out = str(Path(__file__).parent/"results"/"admm_filters_lenet5.json")
-        for level, filters in FILTER_LEVELS.items():
+        levels = fcp_filter_levels()
+        for level in (float(v) for v in args.levels.split(",")) if args.levels else sorted(levels):
+            filters = levels[level]
             r = run_filters(level, filters)
             print(f"{level:.2f} admm_filter {r['filters']:>14}  MACs -{100*r['macs_reduction']:.1f}%  test {100*r['test_acc']:.2f}% "
                   f"({-r['acc_drop_points']:+.2f} pts)  right after surgery (valid) {100*r['valid_acc_after_prune']:.2f}%  {r['seconds']:.0f}s", flush=True)

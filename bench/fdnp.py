@@ -55,7 +55,7 @@ SETTINGS = {
                    levels=[0.9, 0.95, 0.98], spread=1.0, iter_stop=0.75),
     "resnet20": dict(model="resnet20", dataset="cifar10", shape=(3, 32, 32), n_per_class=1000, n_test_per_class=None,
                      valid_pct=0.1, bs=128, opt="adam", base_epochs=8, seed=0, threads=1, epochs=2, lr=1e-3,
-                     levels=[0.9], spread=1.0, iter_stop=0.75,
+                     levels=[0.9, 0.95], spread=1.0, iter_stop=0.75,
                      committed_baseline="bench/baselines/resnet20_cifar10_1k.pt"),
 }
 QUICK = dict(n_per_class=50, n_test_per_class=20, base_epochs=1, epochs=1, levels=[0.9], committed_baseline=None)
