@@ -171,7 +171,10 @@ def main():
         set_threads()
         out = str(Path(__file__).parent/"results"/"admm_filters_lenet5.json")
         levels = fcp_filter_levels()
-        for level in (float(v) for v in args.levels.split(",")) if args.levels else sorted(levels):
+        wanted = [float(v) for v in args.levels.split(",")] if args.levels else sorted(levels)
+        if not levels or set(wanted) - set(levels):
+            ap.error(f"--levels: FCP has rows at {sorted(levels)} in bench/results/lenet5_mnist.json (run bench/lenet5_mnist.py first)")
+        for level in wanted:
             filters = levels[level]
             r = run_filters(level, filters)
             print(f"{level:.2f} admm_filter {r['filters']:>14}  MACs -{100*r['macs_reduction']:.1f}%  test {100*r['test_acc']:.2f}% "

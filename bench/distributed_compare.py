@@ -7,8 +7,9 @@
 
 Each process count is one `torchrun --standalone` launch of this script in worker mode (`--worker`), which trains
 LeNet-5 (20-50-500) on the MNIST subset shipped with the package inside `learn.distrib_ctx(cpu=True)`: a short
-pre-training (`fit_one_cycle`), then a `fit` at a constant, lower learning rate with the method's callback (ADMM:
-`admm_prune`, its ADMM and masked-retraining fits at that learning rate; FDNP: `FDNPCallback` on the convs). The global batch is the same for every process count (each
+pre-training (`fit_one_cycle`), then a `fit` at a constant, lower learning rate with the method's callback (FDNP:
+`FDNPCallback` on the convs), except ADMM: `admm_prune` runs its own two one-cycle fits (ADMM, then masked
+retraining) with that learning rate as their peak. The global batch is the same for every process count (each
 process takes `--global-bs / N` images per step), so every configuration takes the same optimiser steps with the same
 learning rate, and the methods' phase lengths (in batches) mean the same steps. Every rank reports a checksum of its
 final weights; the driver fails if the ranks of a launch disagree, then records one row per method and process

@@ -9,7 +9,7 @@ Docs: https://corrprune-edu.github.io/corrprune_edu/api/distributed.html.md"""
 
 # %% ../nbs/api/06d_distributed.ipynb #aa885621
 from __future__ import annotations
-import hashlib, numbers, random
+import hashlib, importlib.util, numbers, random
 from contextlib import contextmanager
 
 import torch
@@ -20,10 +20,13 @@ from torch.nn.parallel import DistributedDataParallel
 from fastcore.basics import patch
 from fastai.callback.core import (CancelBackwardException, CancelBatchException, CancelEpochException, CancelFitException,
                                   CancelStepException, CancelTrainException, CancelValidException)
-try: from fastai.distributed import DistributedDL
-except (ImportError, NameError):   # fastai.distributed needs Hugging Face Accelerate, the `distributed` extra; without it
-    class DistributedDL:          # nothing is distributed, so no DataLoader is one and every function here works on one process
-        "Stand-in for fastai's `DistributedDL` when `accelerate` is not installed"
+if importlib.util.find_spec("accelerate") is not None: from fastai.distributed import DistributedDL
+else:   # fastai.distributed needs Hugging Face Accelerate (the `distributed` extra); without it no DataLoader is distributed
+    class DistributedDL:
+        "Stand-in for fastai's `DistributedDL` when `accelerate` is not installed: nothing is one, and making one says what to install"
+        def __init__(self, *args, **kwargs):
+            raise ImportError("sharding a DataLoader over processes needs Hugging Face Accelerate: "
+                              "pip install \"corrprune_edu[distributed]\"")
 
 from .core import stable_hash
 from .flops import eval_mode
