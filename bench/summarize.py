@@ -88,7 +88,7 @@ def fdnp_goals(name: str) -> pd.DataFrame:
         ok = d[d.drop_pts <= budget]
         rows.append({"method": method, f"best conv compression at drop <= {budget} pts":
                      round(float(ok.conv_compression.max()), 1) if len(ok) else "none",
-                     "its drop (pts)": float(ok.loc[ok.conv_compression.idxmax(), "drop_pts"]) if len(ok) else float("nan")})
+                     "its drop (pts)": float(ok.loc[ok.conv_compression.idxmax(), "drop_pts"]) if len(ok) else "-"})
     out = pd.DataFrame(rows)
     best = out.set_index("method").iloc[:, 0]
     if isinstance(best.get("spatial"), float):                      # the goal: FDNP >= 1.3x its spatial counterpart
