@@ -34,7 +34,7 @@ from its results: levels 90 / 94 / 96% fewer MACs, 5-9, 3-6, 2-5 filters in conv
 2 epochs of one-cycle fine-tuning with Adam at lr 1e-3 (that benchmark's fine-tuning). Rows go to bench/results/admm_filters_lenet5.json;
 bench/summarize.py shows them next to FCP, L1 and random from bench/results/lenet5_mnist.json at the same level.
 """
-import argparse, fcntl, json, time
+import argparse, fcntl, time
 from functools import partial
 
 from fastai.optimizer import SGD
@@ -42,7 +42,7 @@ from pathlib import Path
 
 from corrprune_edu.admm import LENET5_KEEP, admm_prune, geometric_stages, progressive_admm
 from corrprune_edu.core import set_seed, set_threads
-from corrprune_edu.results import record_run
+from corrprune_edu.results import load_results, record_run
 from corrprune_edu.sparse import GradualMagnitudeCallback, apply_masks, magnitude_masks, maskable_weights, one_shot_magnitude, sparsity_report
 from corrprune_edu.train import accuracy_on, cached_baseline, evaluate, quiet
 
@@ -131,7 +131,7 @@ def run_filters(level, filters, budget=4):
 
 def fcp_filter_levels() -> dict:
     "FCP's conv1-conv2 filter counts per MACs level, read from bench/results/lenet5_mnist.json (the rows to match)"
-    rows = json.loads((Path(__file__).parent/"results"/"lenet5_mnist.json").read_text())["rows"]
+    rows = load_results(Path(__file__).parent/"results"/"lenet5_mnist.json")["rows"]
     return {r["level"]: tuple(int(n) for n in r["filters"].split("-")[:2])
             for r in rows if r["method"] == "fcp" and not isinstance(r["level"], str)}
 

@@ -288,8 +288,9 @@ def test_pp_rollbacks_restore_identically(runs):
 # The weight-level methods: `admm_prune` (ADMMCallback, hard pruning, masked retraining with KeepMaskedCallback) and
 # GradualMagnitudeCallback, both to 80% zeros in every conv and linear weight
 
-def _dense(state):
-    net = lenet5(widths=WIDTHS)
+def _dense(state, frequency: bool = False):
+    "The test's LeNet-5 holding `state` (with `frequency`, its convs as FDNP's DCT layers)"
+    net = to_frequency(lenet5(widths=WIDTHS)) if frequency else lenet5(widths=WIDTHS)
     net.load_state_dict(state)
     return net
 
@@ -347,12 +348,6 @@ def test_weights_training_moves_every_kept_weight(runs, method):
 
 # FDNP (FDNPCallback on the convs): the conversion to DCT layers replaces the parameters, so a new DDP; then dynamic masks
 
-def _frequency_net(state):
-    net = to_frequency(lenet5(widths=WIDTHS))
-    net.load_state_dict(state)
-    return net
-
-
 def test_fdnp_converts_the_bare_network_and_rewraps(runs):
     "The fit trains DCT layers inside a new DDP; the mask schedule counts this process's batches (14 per epoch), not 28"
     per_process = -(-len(small_dls().train) // 2)
@@ -383,7 +378,7 @@ def test_fdnp_accuracy_saved_file_and_deployment(runs):
     "The accuracy is the whole split's; rank 0's file loads into a converted Learner; the spatial network computes the same"
     valid = small_dls().valid
     r0, r1 = runs["fdnp"]
-    net = _frequency_net(r0["state"])
+    net = _dense(r0["state"], frequency=True)
     assert r0["acc"] == r1["acc"] == accuracy_on(net, valid)
     learn = make_learner(to_frequency(lenet5(widths=WIDTHS)), small_dls())
     learn.load(r0["saved"])
